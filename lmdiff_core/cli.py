@@ -1,0 +1,284 @@
+"""The `lmdiff` command line. Exit codes: 0 success, 2 user error (one line on stderr), 1 internal error."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LmdiffInputError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def _progress(total: int | None, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="frame", leave=False, disable=None)
+
+
+def _output(path: str, suffixes: tuple[str, ...], what: str) -> Path:
+    out = Path(path)
+    if out.suffix.lower() not in suffixes:
+        raise LmdiffInputError(f"{what} {out} must end in {' or '.join(suffixes)}")
+    if out.is_dir():
+        raise LmdiffInputError(f"{what} {out} is a directory; expected a file path")
+    if not out.parent.is_dir():
+        raise LmdiffInputError(f"cannot write {what} {out}: its folder {out.parent} does not exist")
+    return out
+
+
+def _face_selector(value: str):
+    if value == "largest":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise LmdiffInputError(f"--face must be 'largest' or a face index (0 = leftmost), got {value!r}") from None
+
+
+def _open_landmarker(args, video: bool):
+    from .detectors import MEDIAPIPE_MODEL_ENV, load_landmarker
+
+    name = args.detector
+    if name == "auto":
+        name = "mediapipe" if (args.model or os.environ.get(MEDIAPIPE_MODEL_ENV)) else "dlib"
+    return load_landmarker(name, args.model, video=video)
+
+
+def _extract(args, source: Path, max_frames=None):
+    """Landmarks of an image or a video file, smoothed for video unless --no-smooth."""
+    from .detectors import detect_image, extract_landmarks
+    from .media import frame_count, iter_frames, probe_video, read_image
+    from .smoothing import smooth_landmarks
+
+    face = _face_selector(args.face)
+    if source.suffix.lower() in IMAGE_SUFFIXES:
+        with _open_landmarker(args, video=False) as landmarker:
+            return detect_image(read_image(source), landmarker, face, source=str(source)), None
+    info = probe_video(source)
+    total = frame_count(info.duration, args.fps)
+    if max_frames is not None:
+        total = min(total, max_frames)
+    with _open_landmarker(args, video=True) as landmarker, _progress(total, "landmarks") as bar:
+        seq = extract_landmarks(
+            iter_frames(source, args.fps, max_frames=total), landmarker, args.fps, face, args.max_gap, str(source),
+            progress=lambda n: bar.update(1),
+        )
+    return (seq if args.no_smooth else smooth_landmarks(seq)), info
+
+
+def _write_preview(path: Path, frames, seq, canonical, fps: float, audio=None) -> None:
+    from .media import write_video
+    from .preview import landmark_preview
+
+    with _progress(len(seq), "preview") as bar:
+        def counted():
+            for frame in landmark_preview(frames, seq, canonical):
+                bar.update(1)
+                yield frame
+
+        if path.suffix.lower() == ".png":
+            from PIL import Image
+
+            Image.fromarray(next(counted())).save(path)
+        else:
+            write_video(path, counted(), fps, audio=audio)
+
+
+def cmd_landmarks(args) -> None:
+    from .canonical import canonicalize
+    from .media import iter_frames, read_audio, read_image
+
+    source = Path(args.input)
+    out = _output(args.output, (".npz",), "landmark file")
+    preview = _output(args.preview, (".mp4", ".png"), "preview") if args.preview else None
+    seq, info = _extract(args, source)
+    canonical = canonicalize(seq)
+    if preview is not None:
+        if info is None:
+            frames = [read_image(source)]
+            audio = None
+        else:
+            frames = iter_frames(source, args.fps, max_frames=len(seq))
+            audio = read_audio(source) if info.has_audio else None
+        _write_preview(preview, frames, seq, canonical, args.fps, audio)
+    (canonical if args.canonical else seq).save(out)
+    print(f"{out}: {seq}")
+
+
+def cmd_render(args) -> None:
+    from .landmarks import LandmarkSequence
+    from .media import read_audio, write_video
+    from .render import iter_rendered_frames
+
+    seq = LandmarkSequence.load(args.input)
+    out = _output(args.output, (".mp4",), "video")
+    audio = read_audio(args.audio) if args.audio else None
+    frames = iter_rendered_frames(seq, size=args.size, thickness=args.thickness, style=args.style)
+    with _progress(len(seq), "render") as bar:
+        def counted():
+            for frame in frames:
+                bar.update(1)
+                yield frame
+
+        write_video(out, counted(), seq.fps, audio=audio)
+    print(f"{out}: {len(seq)} frames at {args.size}x{args.size}, {seq.fps:g} fps" + (", with audio" if audio is not None else ""))
+
+
+def cmd_crop(args) -> None:
+    import torch
+
+    from .crop import compute_crop_track, crop_frames
+    from .landmarks import LandmarkSequence
+    from .media import iter_frames, probe_video, read_audio, write_video
+
+    source = Path(args.input)
+    out = _output(args.output, (".mp4",), "video")
+    info = probe_video(source)
+    if args.landmarks:
+        seq = LandmarkSequence.load(args.landmarks)
+    else:
+        seq, _ = _extract(args, source)
+    track = compute_crop_track(seq, size=args.size)
+
+    def crops():
+        batch, start = [], 0
+        for frame in iter_frames(source, seq.fps, max_frames=len(seq)):
+            batch.append(frame)
+            if len(batch) == 16:
+                yield from crop_frames(np.stack(batch), track, torch.arange(start, start + 16))
+                start += 16
+                batch.clear()
+        if batch:
+            yield from crop_frames(np.stack(batch), track, torch.arange(start, start + len(batch)))
+
+    def as_uint8():
+        with _progress(len(seq), "crop") as bar:
+            for crop in crops():
+                bar.update(1)
+                yield (crop.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+    audio = read_audio(source) if info.has_audio else None
+    write_video(out, as_uint8(), seq.fps, audio=audio)
+    print(f"{out}: {len(seq)} aligned {args.size}x{args.size} face crops")
+
+
+def cmd_demo(args) -> None:
+    from .canonical import canonicalize, head_pose
+    from .demo import DEMO_FPS, demo_frames, demo_motion, demo_speech
+    from .detectors import extract_landmarks
+    from .smoothing import smooth_landmarks
+
+    out = _output(args.output, (".mp4",), "video")
+    n_frames = int(round(args.seconds * DEMO_FPS))
+    started = time.perf_counter()
+    with _open_landmarker(args, video=True) as landmarker, _progress(n_frames, "landmarks") as bar:
+        seq = extract_landmarks(demo_frames(n_frames), landmarker, DEMO_FPS, progress=lambda n: bar.update(1), source="demo clip")
+    seq = smooth_landmarks(seq)
+    canonical = canonicalize(seq)
+    _write_preview(out, demo_frames(n_frames), seq, canonical, DEMO_FPS, demo_speech(n_frames / DEMO_FPS))
+    npz = out.with_suffix(".npz")
+    canonical.save(npz)
+    applied = demo_motion(n_frames).roll
+    recovered = head_pose(canonical)["roll"]
+    # The portrait's own roll is the offset; what canonicalisation must recover is the applied change.
+    error = np.abs((recovered - recovered.mean()) + (applied - applied.mean())).mean()
+    print(
+        f"{out}: {n_frames} frames ({seq.topology}, {int(seq.valid.sum())} with a face) in "
+        f"{time.perf_counter() - started:.1f} s; landmarks in {npz}\n"
+        f"head roll applied to the portrait: {applied.min():+.1f} to {applied.max():+.1f} deg; "
+        f"recovered from the landmarks with a mean error of {error:.2f} deg"
+    )
+
+
+def cmd_download_model(args) -> None:
+    import urllib.request
+
+    from .detectors import MEDIAPIPE_MODEL_NAME, MEDIAPIPE_MODEL_URL
+
+    folder = Path(args.dir).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / MEDIAPIPE_MODEL_NAME
+    partial = target.with_name(target.name + ".part")
+    try:
+        urllib.request.urlretrieve(MEDIAPIPE_MODEL_URL, partial)
+        os.replace(partial, target)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise LmdiffInputError(f"could not download {MEDIAPIPE_MODEL_URL}: {exc}") from None
+    print(f"{target}\nuse it with --model {target} or: export LMDIFF_MEDIAPIPE_MODEL={target}")
+
+
+def _add_detector_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--detector", choices=("auto", "mediapipe", "dlib", "insightface"), default="auto",
+                   help="landmark detector; auto = mediapipe when a model is given (--model or $LMDIFF_MEDIAPIPE_MODEL), else dlib")
+    p.add_argument("--model", help="detector model: MediaPipe .task file, dlib .dat file or insightface root folder")
+    p.add_argument("--face", default="largest", help="which face to follow: 'largest' or an index from the left (default largest)")
+    p.add_argument("--fps", type=float, default=25.0, help="frame rate to resample video to (default 25)")
+    p.add_argument("--max-gap", type=int, default=12, help="longest run of frames without a face to fill in (default 12)")
+    p.add_argument("--no-smooth", action="store_true", help="keep the raw detector output (no One Euro smoothing)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmdiff", description="Audio-driven talking heads with landmark-guided diffusion.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("landmarks", help="detect face landmarks in a video or image")
+    p.add_argument("input", help="video or image file")
+    p.add_argument("-o", "--output", required=True, help="landmark file (.npz)")
+    p.add_argument("--preview", help="side-by-side preview: frame with landmarks | canonical landmarks (.mp4 or .png)")
+    p.add_argument("--canonical", action="store_true", help="save the pose-free canonical landmarks (with their pose)")
+    _add_detector_args(p)
+    p.set_defaults(func=cmd_landmarks)
+
+    p = sub.add_parser("render", help="render a landmark file to a conditioning video")
+    p.add_argument("input", help="landmark file (.npz)")
+    p.add_argument("-o", "--output", required=True, help="video file (.mp4)")
+    p.add_argument("--size", type=int, default=512, help="output width and height (default 512)")
+    p.add_argument("--audio", help="audio to mux in (fitted to the landmark sequence's length)")
+    p.add_argument("--style", choices=("parts", "mesh"), default="parts")
+    p.add_argument("--thickness", type=float, default=2.0)
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("crop", help="aligned, stabilised face crops of a video")
+    p.add_argument("input", help="video file")
+    p.add_argument("-o", "--output", required=True, help="video file (.mp4)")
+    p.add_argument("--size", type=int, default=256, help="crop size in pixels (default 256)")
+    p.add_argument("--landmarks", help="use this landmark file instead of detecting")
+    _add_detector_args(p)
+    p.set_defaults(func=cmd_crop)
+
+    p = sub.add_parser("demo", help="run the landmark pipeline on the bundled demo portrait (no downloads)")
+    p.add_argument("-o", "--output", default="lmdiff_demo.mp4", help="preview video (default lmdiff_demo.mp4)")
+    p.add_argument("--seconds", type=float, default=4.0)
+    _add_detector_args(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("download-model", help="download the MediaPipe face landmarker model (needs internet)")
+    p.add_argument("name", choices=("mediapipe",))
+    p.add_argument("--dir", default="~/.cache/lmdiff", help="folder to save it in (default ~/.cache/lmdiff)")
+    p.set_defaults(func=cmd_download_model)
+    return parser
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("GLOG_minloglevel", "2")  # keep MediaPipe's C++ log lines out of the terminal
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LmdiffInputError as exc:
+        print(f"lmdiff {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lmdiff {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
