@@ -58,8 +58,9 @@ def _extract(args, source: Path, max_frames=None):
 
     face = _face_selector(args.face)
     if source.suffix.lower() in IMAGE_SUFFIXES:
+        image = read_image(source)
         with _open_landmarker(args, video=False) as landmarker:
-            return detect_image(read_image(source), landmarker, face, source=str(source)), None
+            return detect_image(image, landmarker, face, source=str(source)), None
     info = probe_video(source)
     total = frame_count(info.duration, args.fps)
     if max_frames is not None:
@@ -114,11 +115,12 @@ def cmd_landmarks(args) -> None:
 def cmd_render(args) -> None:
     from .landmarks import LandmarkSequence
     from .media import read_audio, write_video
-    from .render import iter_rendered_frames
 
     seq = LandmarkSequence.load(args.input)
     out = _output(args.output, (".mp4",), "video")
     audio = read_audio(args.audio) if args.audio else None
+    from .render import iter_rendered_frames
+
     frames = iter_rendered_frames(seq, size=args.size, thickness=args.thickness, style=args.style)
     with _progress(len(seq), "render") as bar:
         def counted():

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -99,6 +101,20 @@ def find_mediapipe_model(path: str | os.PathLike | None = None, search_dirs: Seq
     return path
 
 
+@contextmanager
+def _native_stderr_silenced():
+    """MediaPipe's C++ code logs to file descriptor 2 as it starts; keep that off the user's terminal."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 class MediaPipeLandmarker(Landmarker):
     """MediaPipe FaceLandmarker (Tasks API) from a local `.task` file; VIDEO mode tracks faces across frames."""
 
@@ -123,10 +139,12 @@ class MediaPipeLandmarker(Landmarker):
             output_facial_transformation_matrixes=True,
         )
         try:
-            self._landmarker = vision.FaceLandmarker.create_from_options(options)
+            with _native_stderr_silenced():
+                self._landmarker = vision.FaceLandmarker.create_from_options(options)
         except (RuntimeError, ValueError) as exc:
             raise LmdiffInputError(f"MediaPipe could not load {model_path} as a face landmarker model: {exc}") from None
         self._last_ts = -1
+        self._started = False
 
     def detect(self, frame, timestamp_ms=None):
         frame = _check_frame(frame)
@@ -135,9 +153,15 @@ class MediaPipeLandmarker(Landmarker):
         if self.video:
             ts = self._last_ts + 1 if timestamp_ms is None else max(int(timestamp_ms), self._last_ts + 1)
             self._last_ts = ts
-            result = self._landmarker.detect_for_video(image, ts)
+            run = lambda: self._landmarker.detect_for_video(image, ts)  # noqa: E731
         else:
-            result = self._landmarker.detect(image)
+            run = lambda: self._landmarker.detect(image)  # noqa: E731
+        if self._started:
+            result = run()
+        else:  # the first inference logs its TFLite delegates
+            with _native_stderr_silenced():
+                result = run()
+            self._started = True
         faces = []
         for i, marks in enumerate(result.face_landmarks):
             pts = np.array([(p.x * w, p.y * h, p.z * w) for p in marks], dtype=np.float32)

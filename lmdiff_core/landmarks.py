@@ -111,7 +111,9 @@ class LandmarkSequence:
     # -- indexing, joining, resampling ------------------------------------------------------------------------------
     def __getitem__(self, index) -> "LandmarkSequence":
         if isinstance(index, (int, np.integer)):
-            index = slice(index, index + 1 if index != -1 else None)
+            if not -len(self) <= index < len(self):
+                raise IndexError(f"frame {index} is out of range for a sequence of {len(self)} frames")
+            index = slice(index % len(self), index % len(self) + 1)
         pick = lambda a: None if a is None else a[index]  # noqa: E731
         return replace(
             self,
@@ -185,11 +187,13 @@ class LandmarkSequence:
             pose[:, :3, 3] = lerp(self.pose[:, :3, 3])
             pose[:, 3, 3] = 1.0
         nearest = np.where(w < 0.5, lo, hi)
+        # An output frame that falls on a source frame takes its validity; one between two needs both.
+        valid = np.where(w < 1e-6, self.valid[lo], np.where(w > 1 - 1e-6, self.valid[hi], self.valid[lo] & self.valid[hi]))
         return replace(
             self,
             points=lerp(self.points.astype(np.float64)).astype(np.float32),
             fps=float(fps),
-            valid=self.valid[lo] & self.valid[hi],
+            valid=valid,
             interpolated=self.interpolated[nearest],
             blendshapes=None if self.blendshapes is None else lerp(self.blendshapes).astype(np.float32),
             pose=pose
@@ -241,6 +245,9 @@ class LandmarkSequence:
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez_compressed(f, **arrays)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the file the usual permissions
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -263,15 +270,18 @@ class LandmarkSequence:
         missing = {"points", "topology", "fps", "frame_size"} - arrays.keys()
         if missing:
             raise LmdiffInputError(f"{path} is not an lmdiff landmark file: missing {sorted(missing)}")
-        return cls(
-            points=arrays["points"],
-            topology=str(arrays["topology"]),
-            fps=float(arrays["fps"]),
-            frame_size=tuple(int(v) for v in arrays["frame_size"]),
-            valid=arrays.get("valid"),
-            interpolated=arrays.get("interpolated"),
-            blendshapes=arrays.get("blendshapes"),
-            pose=arrays.get("pose"),
-            space=str(arrays.get("space", "image")),
-            image_size=None if "image_size" not in arrays else tuple(int(v) for v in arrays["image_size"]),
-        )
+        try:
+            return cls(
+                points=arrays["points"],
+                topology=str(arrays["topology"]),
+                fps=float(arrays["fps"]),
+                frame_size=tuple(int(v) for v in arrays["frame_size"]),
+                valid=arrays.get("valid"),
+                interpolated=arrays.get("interpolated"),
+                blendshapes=arrays.get("blendshapes"),
+                pose=arrays.get("pose"),
+                space=str(arrays.get("space", "image")),
+                image_size=None if "image_size" not in arrays else tuple(int(v) for v in arrays["image_size"]),
+            )
+        except LmdiffInputError as exc:
+            raise LmdiffInputError(f"{path} is not a valid landmark file: {exc}") from None

@@ -194,7 +194,7 @@ def read_audio(path: PathLike, sample_rate: int = DEFAULT_SAMPLE_RATE) -> np.nda
         if 0 < padding <= _MAX_ENCODER_PADDING_SECONDS * sample_rate:
             audio = audio[: len(audio) - padding]
     if len(audio) == 0:
-        raise LmdiffInputError(f"{path} contains no audio samples; expected {_AUDIO_EXPECTED} with sound")
+        raise LmdiffInputError(f"{path} contains no audio samples; expected {_AUDIO_EXPECTED}")
     return np.clip(audio, -1.0, 1.0, out=audio)
 
 
