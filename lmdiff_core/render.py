@@ -19,10 +19,11 @@ Conventions
 * Frames with ``seq.valid == False`` render black (and leave frames untouched in `draw_landmarks_on_frames`).
   Non-finite points draw nothing; segments are clipped to the image, so far-away points cost nothing.
 
-Method: every segment is sampled at <= `SAMPLE_SPACING` px along its length; each sample scatters (``amax``) into
-the few pixels around it an integer key ``coverage_level * 16 + part_rank`` computed from the exact pixel-to-segment
-distance; a lookup table turns keys into colours. Work is proportional to the drawn line length, never to
-pixels x segments, and all frames of a batch are drawn together.
+Method: every segment is cut into pieces of at most 0.5-2 px (chosen per line width) with one sample each; each
+sample scatters (``amax``) into the few pixels around it an integer key ``coverage_level * 16 + part_rank`` computed
+from the exact pixel-to-segment distance; a lookup table turns keys into colours. Work is proportional to the drawn
+line length, never to pixels x segments, and all frames of a batch are drawn together (16 at a time in scratch
+buffers that are reused, so memory stays flat for any sequence length).
 """
 
 from __future__ import annotations
@@ -92,11 +93,10 @@ PART_COLORS: dict[str, tuple[int, int, int]] = {
 MESH_COLOR: tuple[int, int, int] = (96, 96, 96)
 DEFAULT_MESH_THICKNESS = 1.0
 
-SAMPLE_SPACING = 0.5  # px between samples along a segment (upper bound)
 _LEVELS = 255  # coverage quantisation levels (8-bit like the output)
 _RANK_BITS = 16  # key = level * 16 + rank; ranks 0..15
-_CHUNK_ENTRIES = 1 << 18  # (sample, pixel) pairs processed at once: small buffers that the allocator reuses
-_CANVAS_FRAMES = 8  # frames rasterised together inside a batch (bounds the scratch images)
+_CHUNK_ENTRIES = 1 << 19  # (sample, pixel) pairs processed at once: ~2 MB buffers that the allocator reuses
+_CANVAS_FRAMES = 16  # frames rasterised together inside a batch (bounds the scratch images to ~35 MB at 512)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -107,7 +107,8 @@ def _check_style(style: str, topo: Topology) -> None:
         raise LmdiffInputError(f"render style is {style!r}, expected one of {STYLES}")
     if style == "mesh" and topo.name != "mediapipe478":
         raise LmdiffInputError(
-            f"render style 'mesh' needs mediapipe478 landmarks (a dense face mesh); {topo.name} has no mesh, use style='parts'"
+            f"render style 'mesh' needs mediapipe478 landmarks (a dense face mesh); {topo.name} has no mesh, "
+            "use style='parts'"
         )
 
 
@@ -138,7 +139,9 @@ def _output_size(size, frame_size: tuple[int, int]) -> tuple[int, int]:
     ):
         w, h = int(size[0]), int(size[1])
     else:
-        raise LmdiffInputError(f"render size is {size!r}, expected None, a positive int or a (width, height) pair of ints")
+        raise LmdiffInputError(
+            f"render size is {size!r}, expected None, a positive int or a (width, height) pair of ints"
+        )
     if w <= 0 or h <= 0:
         raise LmdiffInputError(f"render size is {size!r}, expected positive width and height")
     return w, h
@@ -147,6 +150,8 @@ def _output_size(size, frame_size: tuple[int, int]) -> tuple[int, int]:
 def _check_seq(seq) -> LandmarkSequence:
     if not isinstance(seq, LandmarkSequence):
         raise LmdiffInputError(f"expected a LandmarkSequence, got {type(seq).__name__}")
+    if min(seq.frame_size) <= 0:
+        raise LmdiffInputError(f"LandmarkSequence.frame_size is {seq.frame_size}, expected a positive (width, height)")
     return seq
 
 
@@ -186,7 +191,7 @@ def mesh_edges() -> np.ndarray:
     return pairs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=1)
 def _luts_cpu() -> tuple[torch.Tensor, torch.Tensor]:
     """Key -> premultiplied RGB [L, 3] and key -> alpha [L] lookup tables (key = level * 16 + rank)."""
     colors = torch.zeros(_RANK_BITS, 3)
@@ -197,8 +202,9 @@ def _luts_cpu() -> tuple[torch.Tensor, torch.Tensor]:
     return rgb.reshape(-1, 3).contiguous(), alpha.repeat_interleave(_RANK_BITS).contiguous()
 
 
-def _luts(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    rgb, alpha = _luts_cpu()
+@functools.lru_cache(maxsize=8)
+def _luts(device: torch.device, mesh: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    rgb, alpha = _mesh_lut_cpu() if mesh else _luts_cpu()
     return rgb.to(device), alpha.to(device)
 
 
@@ -255,12 +261,20 @@ class _Canvas:
     """Padded key images for a few frames, reused across batches so big buffers are touched once per call."""
 
     def __init__(self, frames: int, width: int, height: int, pad: int, device: torch.device):
-        self.width, self.height, self.pad = width, height, pad
+        self.frames, self.width, self.height, self.pad, self.device = frames, width, height, pad, device
         self.pw, self.ph = width + 2 * pad, height + 2 * pad
         self.keys = torch.zeros(frames, self.ph, self.pw, dtype=torch.float32, device=device)
-        self.aux = torch.zeros(frames, self.ph, self.pw, dtype=torch.float32, device=device)
         self.index = torch.zeros(frames, height, width, dtype=torch.int32, device=device)
-        self.tmp = torch.zeros(frames, height, width, dtype=torch.int32, device=device)
+        self._aux: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def aux(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Second key image and index buffer, for the mesh layer (made on first use)."""
+        if self._aux is None:
+            self._aux = (
+                torch.zeros(self.frames, self.ph, self.pw, dtype=torch.float32, device=self.device),
+                torch.zeros(self.frames, self.height, self.width, dtype=torch.int32, device=self.device),
+            )
+        return self._aux
 
     def crop(self, buf: torch.Tensor, b: int) -> torch.Tensor:
         p = self.pad
@@ -293,9 +307,7 @@ def _rasterise(
     flat_keys = keys.view(-1)
     off = torch.tensor(offsets, dtype=torch.int64, device=device)
     n_off = off.shape[0]
-    off_lin = (off[:, 1] * pw + off[:, 0])[None]  # [1, K]
-    # [3, K] rows (dx, dy, 1): per-sample (a, b, c) @ this = a*dx + b*dy + c
-    off_mat = torch.stack([off[:, 0].to(dtype), off[:, 1].to(dtype), torch.ones(n_off, dtype=dtype, device=device)])
+    off_lin = off[:, 1] * pw + off[:, 0]  # [K]
 
     p0 = pts[:, edges[:, 0]]  # [B, S, 2]
     p1 = pts[:, edges[:, 1]]
@@ -306,16 +318,19 @@ def _rasterise(
     lo = torch.tensor([-margin, -margin], dtype=dtype, device=device)
     hi = torch.tensor([width + margin, height + margin], dtype=dtype, device=device)
     q0, q1, keep = _clip_segments(p0, p1, lo, hi)
+    q0 = torch.maximum(torch.minimum(q0, hi), lo)  # float rounding of huge coordinates must not leave the box
+    q1 = torch.maximum(torch.minimum(q1, hi), lo)
     ok = (ok & keep).reshape(-1)
     q0 = q0.reshape(-1, 2)
     d = q1.reshape(-1, 2) - q0
     length = d.norm(dim=-1)  # [B*S]
     # n samples at the centres of n equal pieces (each <= spacing long); a zero-length segment gets one (a dot)
-    counts = torch.where(ok, torch.ceil(length / spacing).clamp(min=1).long(), torch.zeros_like(length, dtype=torch.long))
+    counts = torch.where(ok, torch.ceil(length / spacing).clamp(min=1).long(), torch.zeros_like(ok, dtype=torch.long))
     safe_len = torch.where(length > 0, length, torch.ones_like(length))
     unit = torch.where((length > 0)[:, None], d / safe_len[:, None], torch.tensor([1.0, 0.0], device=device))
-    seg_rank = ranks.to(dtype).repeat(b)  # [B*S]
-    seg_base = torch.arange(b, device=device).repeat_interleave(s) * (ph * pw) + pad * pw + pad
+    # per-segment table gathered once per sample: q0 (2), d (2), length, unit (2), rank, frame
+    frame = torch.arange(b, device=device, dtype=dtype).repeat_interleave(s)
+    table = torch.cat([q0, d, length[:, None], unit, ranks.to(dtype).repeat(b)[:, None], frame[:, None]], 1)
 
     csum = torch.cumsum(counts, 0)
     total = int(csum[-1])
@@ -327,6 +342,9 @@ def _rasterise(
         cuts = torch.searchsorted(csum, torch.arange(per_chunk, total, per_chunk, device=device), right=True)
         bounds += sorted(set(int(c) for c in cuts.tolist()))
     bounds.append(counts.numel())
+    ox = off[:, 0].to(dtype)[:, None]  # [K, 1]; entries are laid out [K, m] (long rows vectorise best)
+    oy = off[:, 1].to(dtype)[:, None]
+    off_lin = off_lin.view(-1, 1)
 
     for a, z in zip(bounds[:-1], bounds[1:]):
         if z <= a:
@@ -335,34 +353,34 @@ def _rasterise(
         m = int(cnt.sum())
         if m == 0:
             continue
-        local = torch.repeat_interleave(torch.arange(z - a, device=device), cnt, output_size=m)
-        start = torch.cumsum(cnt, 0) - cnt
-        seg = local + a
-        step = (torch.arange(m, device=device) - start[local]).to(dtype) + 0.5
-        t = step / cnt.to(dtype)[local]  # [m] in (0, 1)
-        seg_len = length[seg]
-        u = unit[seg]  # [m, 2]
-        pos = q0[seg] + t[:, None] * d[seg]
-        pix = torch.floor(pos)
-        f = pix + 0.5 - pos  # pixel centre minus sample, [m, 2]
-        ux, uy, fx, fy = u[:, 0], u[:, 1], f[:, 0], f[:, 1]
-        # along/across-segment coordinates of every candidate pixel centre relative to the sample: [m, K] each
-        along = torch.matmul(torch.stack([ux, uy, fx * ux + fy * uy], 1), off_mat)
-        across = torch.matmul(torch.stack([uy, -ux, fx * uy - fy * ux], 1), off_mat)
-        clamped = torch.clamp(along, (-t * seg_len)[:, None], ((1 - t) * seg_len)[:, None])
+        start = (torch.cumsum(cnt, 0) - cnt).to(dtype)
+        per = torch.cat([table[a:z], start[:, None], cnt.to(dtype)[:, None]], 1)
+        per = torch.repeat_interleave(per, cnt, dim=0, output_size=m).t()  # [11, m]
+        q0x, q0y, dx, dy, seg_len, ux, uy, rank, fr, st, n = per.unbind(0)
+        t = (torch.arange(m, device=device, dtype=dtype) - st + 0.5) / n  # sample at the centre of its piece
+        posx = torch.addcmul(q0x, t, dx)
+        posy = torch.addcmul(q0y, t, dy)
+        pix_x = torch.floor(posx)
+        pix_y = torch.floor(posy)
+        fx = pix_x + 0.5 - posx  # pixel centre minus sample
+        fy = pix_y + 0.5 - posy
+        # along/across-segment coordinates of each candidate pixel centre (offset row k) relative to the sample
+        along = torch.addcmul(torch.addcmul(fx * ux + fy * uy, ox, ux), oy, uy)  # [K, m]
+        across = torch.addcmul(torch.addcmul(fx * uy - fy * ux, ox, uy), oy, -ux)
+        clamped = torch.clamp(along, -t * seg_len, (1 - t) * seg_len)
         beyond = along.sub_(clamped)  # distance past the segment's ends (0 alongside it)
         dist2 = beyond.mul_(beyond).addcmul_(across, across)
         if antialias:
             level = dist2.sqrt_().neg_().add_(reach).clamp_(0.0, 1.0).mul_(_LEVELS).round_()
         else:
             level = (dist2 <= half_width * half_width + 1e-6).to(dtype).mul_(_LEVELS)
-        key = level.mul_(_RANK_BITS).add_(seg_rank[seg][:, None])
-        base = seg_base[seg] + pix[:, 1].long() * pw + pix[:, 0].long()
-        idx = base[:, None] + off_lin
+        key = level.mul_(_RANK_BITS).add_(rank)
+        base = (fr.long() * ph + pix_y.long() + pad) * pw + pix_x.long() + pad
+        idx = base + off_lin
         flat_keys.scatter_reduce_(0, idx.view(-1), key.view(-1), reduce="amax")
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=1)
 def _mesh_lut_cpu() -> tuple[torch.Tensor, torch.Tensor]:
     """LUTs indexed by part_key * 256 + mesh_level: parts composited over the dim mesh."""
     rgb, alpha = _luts_cpu()
@@ -399,16 +417,14 @@ def _draw_into(
     index.copy_(canvas.crop(keys, b))
     if style == "mesh":
         medges = torch.from_numpy(mesh_edges()).to(device)
-        mkeys = canvas.aux
+        mkeys, tmp = canvas.aux()
         mkeys[:b].zero_()
         _rasterise(mkeys, pad, pts, frame_ok, medges, torch.zeros(len(medges), dtype=torch.long, device=device),
                    width, height, mesh_thickness / 2, antialias)
-        tmp = canvas.tmp[:b]
+        tmp = tmp[:b]
         tmp.copy_(canvas.crop(mkeys, b))
         index.mul_(_LEVELS + 1).add_(tmp.bitwise_right_shift_(4))  # part_key * 256 + mesh level
-        lut_rgb, lut_alpha = (t.to(device) for t in _mesh_lut_cpu())
-    else:
-        lut_rgb, lut_alpha = _luts(device)
+    lut_rgb, lut_alpha = _luts(device, style == "mesh")
     flat = index.view(-1)
     torch.index_select(lut_rgb, 0, flat, out=out_rgb.view(-1, 3))
     if out_alpha is not None:
@@ -529,8 +545,10 @@ def render_points(
             f"render_points points have shape {tuple(pts.shape)}, expected [B, {topo.n_points}, 2 or 3] for {topology}"
         )
     pts = pts[..., :2].to(torch.float32)
-    ok = (torch.ones(pts.shape[0], dtype=torch.bool) if valid is None
-          else torch.as_tensor(np.asarray(valid, dtype=bool).reshape(-1)))
+    if valid is None:
+        ok = torch.ones(pts.shape[0], dtype=torch.bool)
+    else:
+        ok = torch.as_tensor(valid).to(torch.bool).reshape(-1)
     if ok.shape[0] != pts.shape[0]:
         raise LmdiffInputError(f"render_points valid has {ok.shape[0]} entries, expected {pts.shape[0]}")
     ok = ok.to(pts.device)
@@ -598,11 +616,15 @@ def draw_landmarks_on_frames(
     seq = _check_seq(seq)
     is_numpy = isinstance(frames, np.ndarray)
     if not is_numpy and not isinstance(frames, torch.Tensor):
-        raise LmdiffInputError(f"draw_landmarks_on_frames frames is a {type(frames).__name__}, expected a numpy array or torch tensor")
+        raise LmdiffInputError(
+            f"draw_landmarks_on_frames frames is a {type(frames).__name__}, expected a numpy array or torch tensor"
+        )
     single = frames.ndim == 3
     batch = frames[None] if single else frames
     if batch.ndim != 4 or batch.shape[-1] != 3:
-        raise LmdiffInputError(f"draw_landmarks_on_frames frames have shape {tuple(frames.shape)}, expected [T, H, W, 3]")
+        raise LmdiffInputError(
+            f"draw_landmarks_on_frames frames have shape {tuple(frames.shape)}, expected [T, H, W, 3]"
+        )
     if batch.shape[0] != len(seq):
         raise LmdiffInputError(f"draw_landmarks_on_frames got {batch.shape[0]} frames for {len(seq)} landmark frames")
     opacity = float(opacity)
@@ -612,13 +634,16 @@ def draw_landmarks_on_frames(
     seq, width, height, thickness, mesh_thickness, batch_size, dev = _check_all(
         seq, (width, height), thickness, style, batch_size, mesh_thickness, device
     )
-    src = torch.from_numpy(np.ascontiguousarray(batch)) if is_numpy else batch
-    is_uint8 = src.dtype == torch.uint8
-    out = src.clone()
+    out = torch.from_numpy(np.array(batch, copy=True)) if is_numpy else batch.clone()
+    if out.dtype != torch.uint8 and not out.is_floating_point():
+        raise LmdiffInputError(
+            f"draw_landmarks_on_frames frames have dtype {out.dtype}, expected uint8 or float in 0..1"
+        )
+    is_uint8 = out.dtype == torch.uint8
     for start, rgb, alpha in _iter_batches(seq, width, height, thickness, style, dev, batch_size, mesh_thickness,
                                            antialias, want_alpha=True):
         stop = start + rgb.shape[0]
-        base = src[start:stop].to(dev, torch.float32)
+        base = out[start:stop].to(dev, torch.float32)
         if is_uint8:
             base = base / 255.0
         a = (alpha * opacity)[..., None]
@@ -626,7 +651,7 @@ def draw_landmarks_on_frames(
         if is_uint8:
             blended = (blended * 255.0).round_().clamp_(0, 255).to(torch.uint8)
         else:
-            blended = blended.to(src.dtype)
+            blended = blended.to(out.dtype)
         out[start:stop] = blended.to(out.device)
     if single:
         out = out[0]
@@ -639,12 +664,7 @@ def draw_landmarks_on_frames(
 def _ibug68_points(seq: LandmarkSequence) -> np.ndarray:
     if seq.topology == "ibug68":
         return seq.points
-    if seq.topology == "mediapipe478":
-        from . import topology as _topology
-
-        if len(_topology.IBUG68_FROM_MEDIAPIPE478) != 68:
-            raise RuntimeError("the mediapipe478 -> ibug68 map (topology.IBUG68_FROM_MEDIAPIPE478) is not filled in")
-    return seq.to_topology("ibug68").points
+    return seq.to_topology("ibug68").points  # mediapipe478: the documented index map (topology.py)
 
 
 def to_openpose_face(seq: LandmarkSequence, normalized: bool = False) -> list[dict]:
