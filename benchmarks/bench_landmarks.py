@@ -57,6 +57,7 @@ def bench_detection(clip: Path, model: Path, n_frames: int) -> dict:
     decode_s, _ = timed(lambda: sum(1 for _ in iter_frames(clip, 25.0, max_frames=n_frames)))
     out["decode_fps"] = len(frames) / decode_s
     for num_faces in (1, 2):
+
         def detect():
             with load_landmarker("mediapipe", model, num_faces=num_faces) as lm:
                 return extract_landmarks(frames, lm)
@@ -81,8 +82,14 @@ def bench_crop(frames: list[np.ndarray], seq, batch: int = 16) -> dict:
     for size in (256, 512):
         track = compute_crop_track(seq, size=size)
         crop_s, crops = timed(lambda: crop_frames(batch_frames, track, indices), repeat=3)
-        paste_s, _ = timed(lambda: paste_back(batch_frames, crops, track, indices, mask="lower_face", landmarks=seq), repeat=3)
-        out[str(size)] = {"crop_fps": batch / crop_s, "paste_back_fps": batch / paste_s, "crop_plus_paste_fps": batch / (crop_s + paste_s)}
+        paste_s, _ = timed(
+            lambda: paste_back(batch_frames, crops, track, indices, mask="lower_face", landmarks=seq), repeat=3
+        )
+        out[str(size)] = {
+            "crop_fps": batch / crop_s,
+            "paste_back_fps": batch / paste_s,
+            "crop_plus_paste_fps": batch / (crop_s + paste_s),
+        }
     return out
 
 

@@ -126,7 +126,9 @@ def uncanonicalize(seq: LandmarkSequence) -> LandmarkSequence:
     if seq.space != "canonical" or seq.pose is None or seq.image_size is None:
         raise LmdiffInputError("uncanonicalize expects canonical landmarks that carry a pose (from canonicalize)")
     points = apply_transform(seq.pose, seq.points)
-    return seq.replace(points=points.astype(np.float32), space="image", frame_size=seq.image_size, image_size=None, pose=None)
+    return seq.replace(
+        points=points.astype(np.float32), space="image", frame_size=seq.image_size, image_size=None, pose=None
+    )
 
 
 def transfer_pose(target: LandmarkSequence, driving: LandmarkSequence) -> LandmarkSequence:

@@ -67,7 +67,12 @@ def _extract(args, source: Path, max_frames=None):
         total = min(total, max_frames)
     with _open_landmarker(args, video=True) as landmarker, _progress(total, "landmarks") as bar:
         seq = extract_landmarks(
-            iter_frames(source, args.fps, max_frames=total), landmarker, args.fps, face, args.max_gap, str(source),
+            iter_frames(source, args.fps, max_frames=total),
+            landmarker,
+            args.fps,
+            face,
+            args.max_gap,
+            str(source),
             progress=lambda n: bar.update(1),
         )
     return (seq if args.no_smooth else smooth_landmarks(seq)), info
@@ -78,6 +83,7 @@ def _write_preview(path: Path, frames, seq, canonical, fps: float, audio=None) -
     from .preview import landmark_preview
 
     with _progress(len(seq), "preview") as bar:
+
         def counted():
             for frame in landmark_preview(frames, seq, canonical):
                 bar.update(1)
@@ -123,13 +129,17 @@ def cmd_render(args) -> None:
 
     frames = iter_rendered_frames(seq, size=args.size, thickness=args.thickness, style=args.style)
     with _progress(len(seq), "render") as bar:
+
         def counted():
             for frame in frames:
                 bar.update(1)
                 yield frame
 
         write_video(out, counted(), seq.fps, audio=audio)
-    print(f"{out}: {len(seq)} frames at {args.size}x{args.size}, {seq.fps:g} fps" + (", with audio" if audio is not None else ""))
+    print(
+        f"{out}: {len(seq)} frames at {args.size}x{args.size}, {seq.fps:g} fps"
+        + (", with audio" if audio is not None else "")
+    )
 
 
 def cmd_crop(args) -> None:
@@ -180,7 +190,9 @@ def cmd_demo(args) -> None:
     n_frames = int(round(args.seconds * DEMO_FPS))
     started = time.perf_counter()
     with _open_landmarker(args, video=True) as landmarker, _progress(n_frames, "landmarks") as bar:
-        seq = extract_landmarks(demo_frames(n_frames), landmarker, DEMO_FPS, progress=lambda n: bar.update(1), source="demo clip")
+        seq = extract_landmarks(
+            demo_frames(n_frames), landmarker, DEMO_FPS, progress=lambda n: bar.update(1), source="demo clip"
+        )
     seq = smooth_landmarks(seq)
     canonical = canonicalize(seq)
     _write_preview(out, demo_frames(n_frames), seq, canonical, DEMO_FPS, demo_speech(n_frames / DEMO_FPS))
@@ -217,17 +229,27 @@ def cmd_download_model(args) -> None:
 
 
 def _add_detector_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--detector", choices=("auto", "mediapipe", "dlib", "insightface"), default="auto",
-                   help="landmark detector; auto = mediapipe when a model is given (--model or $LMDIFF_MEDIAPIPE_MODEL), else dlib")
+    p.add_argument(
+        "--detector",
+        choices=("auto", "mediapipe", "dlib", "insightface"),
+        default="auto",
+        help="landmark detector; auto = mediapipe when a model is given (--model or $LMDIFF_MEDIAPIPE_MODEL), else dlib",
+    )
     p.add_argument("--model", help="detector model: MediaPipe .task file, dlib .dat file or insightface root folder")
-    p.add_argument("--face", default="largest", help="which face to follow: 'largest' or an index from the left (default largest)")
+    p.add_argument(
+        "--face", default="largest", help="which face to follow: 'largest' or an index from the left (default largest)"
+    )
     p.add_argument("--fps", type=float, default=25.0, help="frame rate to resample video to (default 25)")
-    p.add_argument("--max-gap", type=int, default=12, help="longest run of frames without a face to fill in (default 12)")
+    p.add_argument(
+        "--max-gap", type=int, default=12, help="longest run of frames without a face to fill in (default 12)"
+    )
     p.add_argument("--no-smooth", action="store_true", help="keep the raw detector output (no One Euro smoothing)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmdiff", description="Audio-driven talking heads with landmark-guided diffusion.")
+    parser = argparse.ArgumentParser(
+        prog="lmdiff", description="Audio-driven talking heads with landmark-guided diffusion."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("landmarks", help="detect face landmarks in a video or image")

@@ -23,9 +23,7 @@ def image_to_frames(image: torch.Tensor) -> np.ndarray:
     if image.ndim != 4:
         raise LmdiffInputError(f"IMAGE must have 4 dimensions [B, H, W, C], got shape {tuple(image.shape)}")
     if image.shape[-1] not in (3, 4):
-        raise LmdiffInputError(
-            f"IMAGE must have 3 (RGB) or 4 (RGBA) channels last, got shape {tuple(image.shape)}"
-        )
+        raise LmdiffInputError(f"IMAGE must have 3 (RGB) or 4 (RGBA) channels last, got shape {tuple(image.shape)}")
     if image.shape[0] == 0:
         raise LmdiffInputError("IMAGE is empty: it holds no frames")
     rgb = torch.clamp(image[..., :3].detach().to(device="cpu", dtype=torch.float32), 0.0, 1.0)

@@ -40,7 +40,9 @@ MASK_NAMES = ("face", "lower_face", "mouth")
 PADDING_MODES = {"replicate": "border", "zeros": "zeros", "reflection": "reflection"}
 
 DEFAULT_SCALE = 3.2  # box side / max(eye distance, eye-to-mouth distance): whole face, chin and forehead, ~10% margin
-DEFAULT_CENTER_OFFSET = 0.45  # box centre = eye midpoint + offset * (mouth centre - eye midpoint): centres the face oval
+DEFAULT_CENTER_OFFSET = (
+    0.45  # box centre = eye midpoint + offset * (mouth centre - eye midpoint): centres the face oval
+)
 DEFAULT_SMOOTHING = 0.15  # Gaussian sigma in seconds for centre and angle (the side gets 3x, it changes slowly)
 MIN_SIZE = 8
 
@@ -203,8 +205,12 @@ def _eyes_mouth(points: np.ndarray, topo: Topology) -> tuple[np.ndarray, np.ndar
     return right, left, mouth
 
 
-def raw_crop_params(seq: LandmarkSequence, scale: float = DEFAULT_SCALE, align_rotation: bool = True,
-                    center_offset: float = DEFAULT_CENTER_OFFSET):
+def raw_crop_params(
+    seq: LandmarkSequence,
+    scale: float = DEFAULT_SCALE,
+    align_rotation: bool = True,
+    center_offset: float = DEFAULT_CENTER_OFFSET,
+):
     """Unsmoothed per-frame box parameters: (centres [T, 2], sides [T], angles [T], usable [T] bool).
 
     centre = eye midpoint + center_offset * (mouth centre - eye midpoint); side = scale * max(distance between the eye
@@ -300,8 +306,9 @@ def _to_bchw(frames, name: str) -> torch.Tensor:
         if t.ndim != 4 or t.shape[1] != 3:
             raise LmdiffInputError(f"{name} as a tensor must be [B, 3, H, W], got shape {tuple(frames.shape)}")
     else:
-        raise LmdiffInputError(f"{name} must be a torch tensor [B, 3, H, W] or a numpy array [B, H, W, 3], "
-                               f"got {type(frames).__name__}")
+        raise LmdiffInputError(
+            f"{name} must be a torch tensor [B, 3, H, W] or a numpy array [B, H, W, 3], got {type(frames).__name__}"
+        )
     if t.shape[0] == 0:
         raise LmdiffInputError(f"{name} is empty: it holds no frames")
     if t.dtype == torch.uint8:
@@ -454,7 +461,9 @@ def _warp(src: torch.Tensor, m: torch.Tensor, dsize: tuple[int, int], mode: str,
 # ------------------------------------------------------------------------------------------------------------------
 # landmarks
 # ------------------------------------------------------------------------------------------------------------------
-def transform_landmarks(seq: LandmarkSequence, track: CropTrack, inverse: bool = False, indices=None) -> LandmarkSequence:
+def transform_landmarks(
+    seq: LandmarkSequence, track: CropTrack, inverse: bool = False, indices=None
+) -> LandmarkSequence:
     """Landmarks moved between frame and crop pixel coordinates.
 
     Forward: frame-space `seq` (frame_size == track.frame_size) -> crop space (frame_size (size, size)). With
@@ -616,8 +625,10 @@ def masks_from_points(
             n = torch.as_tensor(normal, dtype=torch.float32)
             xs = torch.arange(width, dtype=torch.float32) + 0.5
             ys = torch.arange(height, dtype=torch.float32) + 0.5
-            below = (n[:, 1, None, None] * ys[None, :, None] + n[:, 0, None, None] * xs[None, None, :]
-                     >= torch.as_tensor(offset, dtype=torch.float32)[:, None, None])
+            below = (
+                n[:, 1, None, None] * ys[None, :, None] + n[:, 0, None, None] * xs[None, None, :]
+                >= torch.as_tensor(offset, dtype=torch.float32)[:, None, None]
+            )
             out["lower_face"] = (face & below) | mouth
     keep = torch.as_tensor(valid).view(-1, 1, 1, 1)
     return {name: (out[name][:, None] & keep).float() for name in parts}
@@ -662,7 +673,9 @@ def face_masks(
         pts = crop_seq.points[..., :2].astype(np.float64) * (s / track.size)
         return masks_from_points(pts, crop_seq.valid, seq.topology, s, s, parts, mouth_margin, lower_face_line)
     if size is not None:
-        raise LmdiffInputError("face_masks: size needs a track (without one, masks are drawn at the landmarks' frame_size)")
+        raise LmdiffInputError(
+            "face_masks: size needs a track (without one, masks are drawn at the landmarks' frame_size)"
+        )
     idx = np.arange(len(seq)) if indices is None else _index_array(indices, len(seq), "indices")
     w, h = seq.frame_size
     pts = seq.points[idx, :, :2].astype(np.float64)
@@ -760,11 +773,14 @@ def paste_back(
             raise LmdiffInputError(f"mask must be one of {MASK_NAMES} or a tensor, got {mask!r}")
         lms = landmarks if landmarks is not None else track.landmarks
         if lms is None:
-            raise LmdiffInputError(f"mask {mask!r} needs landmarks: pass landmarks= or use a track from compute_crop_track")
+            raise LmdiffInputError(
+                f"mask {mask!r} needs landmarks: pass landmarks= or use a track from compute_crop_track"
+            )
         if len(lms) != len(track):
             raise LmdiffInputError(f"landmarks have {len(lms)} frames but the crop track has {len(track)}")
-        m = face_masks(lms, track, idx, size=s, parts=(mask,), mouth_margin=mouth_margin,
-                       lower_face_line=lower_face_line)[mask].to(x.device)
+        m = face_masks(
+            lms, track, idx, size=s, parts=(mask,), mouth_margin=mouth_margin, lower_face_line=lower_face_line
+        )[mask].to(x.device)
     else:
         m = _mask_input(mask, b, s, x.device)
     m = _feather(m.float(), float(feather))
@@ -782,10 +798,23 @@ def paste_back(
         return out, masks_out
     ar = torch.arange(s, device=x.device)
     big = torch.full_like(ar, s)
-    lo = np.stack([torch.where(cols, ar, big).min(1).values.cpu().numpy(),
-                   torch.where(rows, ar, big).min(1).values.cpu().numpy()], 1).astype(np.float64)
-    hi = np.stack([torch.where(cols, ar, -1).max(1).values.cpu().numpy(),
-                   torch.where(rows, ar, -1).max(1).values.cpu().numpy()], 1).astype(np.float64) + 1
+    lo = np.stack(
+        [
+            torch.where(cols, ar, big).min(1).values.cpu().numpy(),
+            torch.where(rows, ar, big).min(1).values.cpu().numpy(),
+        ],
+        1,
+    ).astype(np.float64)
+    hi = (
+        np.stack(
+            [
+                torch.where(cols, ar, -1).max(1).values.cpu().numpy(),
+                torch.where(rows, ar, -1).max(1).values.cpu().numpy(),
+            ],
+            1,
+        ).astype(np.float64)
+        + 1
+    )
     box = _footprint_box(inv[has], lo[has], hi[has], track.frame_size, 2)
     if box is None:
         return out, masks_out

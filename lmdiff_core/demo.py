@@ -57,7 +57,9 @@ def demo_frames(n_frames: int, batch_size: int = 25):
             torch.from_numpy(motion.scale[sl]).float()[:, None].expand(n, 2).contiguous(),
         )
         matrix[:, :, 2] += torch.from_numpy(motion.shift[sl]).float()
-        warped = kornia.geometry.transform.warp_affine(image.expand(n, -1, -1, -1), matrix, (h, w), padding_mode="border")
+        warped = kornia.geometry.transform.warp_affine(
+            image.expand(n, -1, -1, -1), matrix, (h, w), padding_mode="border"
+        )
         for frame in (warped.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy():
             yield frame
 

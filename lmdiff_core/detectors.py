@@ -23,9 +23,7 @@ from .landmarks import LandmarkSequence
 
 MEDIAPIPE_MODEL_ENV = "LMDIFF_MEDIAPIPE_MODEL"
 MEDIAPIPE_MODEL_NAME = "face_landmarker.task"
-MEDIAPIPE_MODEL_URL = (
-    "https://storage.googleapis.com/mediapipe-models/face_landmarker/face_landmarker/float16/latest/face_landmarker.task"
-)
+MEDIAPIPE_MODEL_URL = "https://storage.googleapis.com/mediapipe-models/face_landmarker/face_landmarker/float16/latest/face_landmarker.task"
 DETECTORS = ("mediapipe", "dlib", "insightface")
 
 
@@ -219,7 +217,9 @@ class DlibLandmarker(Landmarker):
             from PIL import Image
 
             small = np.asarray(
-                Image.fromarray(frame).resize((round(frame.shape[1] * scale), round(frame.shape[0] * scale)), Image.BILINEAR)
+                Image.fromarray(frame).resize(
+                    (round(frame.shape[1] * scale), round(frame.shape[0] * scale)), Image.BILINEAR
+                )
             )
         rects, scores, _ = self._detector.run(small, self.upsample, 0.0)
         faces = []
@@ -250,8 +250,12 @@ class InsightFaceLandmarker(Landmarker):
         try:
             from insightface.app import FaceAnalysis
         except ImportError:
-            raise LmdiffInputError("the insightface detector needs the extra `insightface`: pip install 'lmdiff[insightface]'") from None
-        self._app = FaceAnalysis(name=name, root=str(Path(model_root).expanduser()), allowed_modules=["detection", "landmark_3d_68"])
+            raise LmdiffInputError(
+                "the insightface detector needs the extra `insightface`: pip install 'lmdiff[insightface]'"
+            ) from None
+        self._app = FaceAnalysis(
+            name=name, root=str(Path(model_root).expanduser()), allowed_modules=["detection", "landmark_3d_68"]
+        )
         self._app.prepare(ctx_id=-1, det_size=(det_size, det_size))
 
     def detect(self, frame, timestamp_ms=None):

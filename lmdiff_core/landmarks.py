@@ -22,7 +22,9 @@ def _as_bool(values, length: int, default: bool, name: str) -> np.ndarray:
         return np.full(length, default, dtype=bool)
     values = np.asarray(values, dtype=bool).reshape(-1)
     if values.shape[0] != length:
-        raise LmdiffInputError(f"LandmarkSequence.{name} has {values.shape[0]} entries, expected {length} (one per frame)")
+        raise LmdiffInputError(
+            f"LandmarkSequence.{name} has {values.shape[0]} entries, expected {length} (one per frame)"
+        )
     return values
 
 
@@ -80,7 +82,9 @@ class LandmarkSequence:
         if self.blendshapes is not None:
             self.blendshapes = np.asarray(self.blendshapes, dtype=np.float32)
             if self.blendshapes.shape[0] != t:
-                raise LmdiffInputError(f"LandmarkSequence.blendshapes has {self.blendshapes.shape[0]} frames, expected {t}")
+                raise LmdiffInputError(
+                    f"LandmarkSequence.blendshapes has {self.blendshapes.shape[0]} frames, expected {t}"
+                )
         if self.pose is not None:
             self.pose = np.asarray(self.pose, dtype=np.float64)
             if self.pose.shape != (t, 4, 4):
@@ -121,7 +125,7 @@ class LandmarkSequence:
             valid=self.valid[index],
             interpolated=self.interpolated[index],
             blendshapes=pick(self.blendshapes),
-            pose=pick(self.pose)
+            pose=pick(self.pose),
         )
 
     @classmethod
@@ -149,7 +153,7 @@ class LandmarkSequence:
             valid=cat("valid"),
             interpolated=cat("interpolated"),
             blendshapes=cat("blendshapes"),
-            pose=cat("pose")
+            pose=cat("pose"),
         )
 
     def resample(self, fps: float, n_frames: int | None = None) -> "LandmarkSequence":
@@ -173,7 +177,7 @@ class LandmarkSequence:
             w = np.zeros(n_out)
         else:
             w = (dst_t - src_t[lo]) / (src_t[hi] - src_t[lo])
-        lerp = lambda a: (a[lo] * (1 - w.reshape(-1, *[1] * (a.ndim - 1))) + a[hi] * w.reshape(-1, *[1] * (a.ndim - 1)))  # noqa: E731
+        lerp = lambda a: a[lo] * (1 - w.reshape(-1, *[1] * (a.ndim - 1))) + a[hi] * w.reshape(-1, *[1] * (a.ndim - 1))  # noqa: E731
         pose = None
         if self.pose is not None:
             scale = np.cbrt(np.linalg.det(self.pose[:, :3, :3]))
@@ -188,7 +192,9 @@ class LandmarkSequence:
             pose[:, 3, 3] = 1.0
         nearest = np.where(w < 0.5, lo, hi)
         # An output frame that falls on a source frame takes its validity; one between two needs both.
-        valid = np.where(w < 1e-6, self.valid[lo], np.where(w > 1 - 1e-6, self.valid[hi], self.valid[lo] & self.valid[hi]))
+        valid = np.where(
+            w < 1e-6, self.valid[lo], np.where(w > 1 - 1e-6, self.valid[hi], self.valid[lo] & self.valid[hi])
+        )
         return replace(
             self,
             points=lerp(self.points.astype(np.float64)).astype(np.float32),
@@ -196,7 +202,7 @@ class LandmarkSequence:
             valid=valid,
             interpolated=self.interpolated[nearest],
             blendshapes=None if self.blendshapes is None else lerp(self.blendshapes).astype(np.float32),
-            pose=pose
+            pose=pose,
         )
 
     # -- topology -----------------------------------------------------------------------------------------------------

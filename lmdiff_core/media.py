@@ -129,9 +129,7 @@ def probe_video(path: PathLike) -> VideoInfo:
         )
 
 
-def iter_frames(
-    path: PathLike, fps: float | None = DEFAULT_FPS, max_frames: int | None = None
-) -> Iterator[np.ndarray]:
+def iter_frames(path: PathLike, fps: float | None = DEFAULT_FPS, max_frames: int | None = None) -> Iterator[np.ndarray]:
     """Stream the frames of the video at ``path`` as uint8 RGB ``[H, W, 3]`` arrays, resampled to ``fps``.
 
     Output frame ``k`` shows the latest source frame whose timestamp is at or before ``k / fps`` (a
@@ -251,13 +249,10 @@ def read_image(path: PathLike) -> np.ndarray:
         with Image.open(path) as image:
             rgb = _to_rgb(ImageOps.exif_transpose(image))
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-        raise LmdiffInputError(
-            f"{path} is not a readable image ({error}); expected {_IMAGE_EXPECTED}"
-        ) from error
+        raise LmdiffInputError(f"{path} is not a readable image ({error}); expected {_IMAGE_EXPECTED}") from error
     if min(rgb.size) < MIN_IMAGE_SIZE:
         raise LmdiffInputError(
-            f"image {path} is {rgb.width}x{rgb.height} pixels; "
-            f"expected at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}"
+            f"image {path} is {rgb.width}x{rgb.height} pixels; expected at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}"
         )
     return np.asarray(rgb)
 
@@ -313,9 +308,7 @@ def _average_fps(stream: av.video.stream.VideoStream, path: Path) -> float:
     return float(rate)
 
 
-def _video_duration(
-    container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: Path
-) -> float:
+def _video_duration(container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: Path) -> float:
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
     if container.duration:
@@ -423,8 +416,7 @@ def _checked_frame(frame: np.ndarray, index: int, size: tuple[int, int] | None, 
         )
     if size is not None and frame.shape[:2] != size:
         raise LmdiffInputError(
-            f"frame {index} for {path} is {frame.shape[1]}x{frame.shape[0]}; "
-            f"expected {size[1]}x{size[0]} like frame 0"
+            f"frame {index} for {path} is {frame.shape[1]}x{frame.shape[0]}; expected {size[1]}x{size[0]} like frame 0"
         )
     return frame
 

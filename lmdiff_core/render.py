@@ -134,8 +134,10 @@ def _output_size(size, frame_size: tuple[int, int]) -> tuple[int, int]:
         w, h = frame_size
     elif isinstance(size, (int, np.integer)) and not isinstance(size, bool):
         w = h = int(size)
-    elif isinstance(size, (tuple, list)) and len(size) == 2 and all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in size
+    elif (
+        isinstance(size, (tuple, list))
+        and len(size) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in size)
     ):
         w, h = int(size[0]), int(size[1])
     else:
@@ -278,7 +280,7 @@ class _Canvas:
 
     def crop(self, buf: torch.Tensor, b: int) -> torch.Tensor:
         p = self.pad
-        return buf[:b, p:p + self.height, p:p + self.width]
+        return buf[:b, p : p + self.height, p : p + self.width]
 
 
 def _rasterise(
@@ -411,16 +413,36 @@ def _draw_into(
     edges_np, ranks_np = _part_edges(topo.name)
     keys = canvas.keys
     keys[:b].zero_()
-    _rasterise(keys, pad, pts, frame_ok, torch.from_numpy(edges_np).to(device), torch.from_numpy(ranks_np).to(device),
-               width, height, thickness / 2, antialias)
+    _rasterise(
+        keys,
+        pad,
+        pts,
+        frame_ok,
+        torch.from_numpy(edges_np).to(device),
+        torch.from_numpy(ranks_np).to(device),
+        width,
+        height,
+        thickness / 2,
+        antialias,
+    )
     index = canvas.index[:b]
     index.copy_(canvas.crop(keys, b))
     if style == "mesh":
         medges = torch.from_numpy(mesh_edges()).to(device)
         mkeys, tmp = canvas.aux()
         mkeys[:b].zero_()
-        _rasterise(mkeys, pad, pts, frame_ok, medges, torch.zeros(len(medges), dtype=torch.long, device=device),
-                   width, height, mesh_thickness / 2, antialias)
+        _rasterise(
+            mkeys,
+            pad,
+            pts,
+            frame_ok,
+            medges,
+            torch.zeros(len(medges), dtype=torch.long, device=device),
+            width,
+            height,
+            mesh_thickness / 2,
+            antialias,
+        )
         tmp = tmp[:b]
         tmp.copy_(canvas.crop(mkeys, b))
         index.mul_(_LEVELS + 1).add_(tmp.bitwise_right_shift_(4))  # part_key * 256 + mesh level
@@ -431,8 +453,15 @@ def _draw_into(
         torch.index_select(lut_alpha, 0, flat, out=out_alpha.view(-1))
 
 
-def _canvas_for(seq_len: int, width: int, height: int, thickness: float, mesh_thickness: float, batch_size: int,
-                device: torch.device) -> _Canvas:
+def _canvas_for(
+    seq_len: int,
+    width: int,
+    height: int,
+    thickness: float,
+    mesh_thickness: float,
+    batch_size: int,
+    device: torch.device,
+) -> _Canvas:
     reach = max(thickness, mesh_thickness) / 2 + 0.5
     spacing, offsets = _plan(round(reach, 6))
     n = max(max(abs(dx), abs(dy)) for dx, dy in offsets)
@@ -448,8 +477,9 @@ def _prepare(seq: LandmarkSequence, width: int, height: int, device: torch.devic
     return pts.to(device), torch.from_numpy(np.asarray(seq.valid, dtype=bool)).to(device)
 
 
-def _iter_batches(seq, width, height, thickness, style, device, batch_size, mesh_thickness, antialias,
-                  want_alpha=False, out=None):
+def _iter_batches(
+    seq, width, height, thickness, style, device, batch_size, mesh_thickness, antialias, want_alpha=False, out=None
+):
     """Yield (start, rgb, alpha) batch by batch (rgb is a slice of `out` when given, else a fresh buffer)."""
     topo = get_topology(seq.topology)
     pts, valid = _prepare(seq, width, height, device)
@@ -461,8 +491,18 @@ def _iter_batches(seq, width, height, thickness, style, device, batch_size, mesh
         alpha = torch.empty(stop - start, height, width, device=device) if want_alpha else None
         for a in range(start, stop, step):
             z = min(a + step, stop)
-            _draw_into(canvas, pts[a:z], valid[a:z], topo, thickness, style, mesh_thickness, antialias,
-                       rgb[a - start:z - start], None if alpha is None else alpha[a - start:z - start])
+            _draw_into(
+                canvas,
+                pts[a:z],
+                valid[a:z],
+                topo,
+                thickness,
+                style,
+                mesh_thickness,
+                antialias,
+                rgb[a - start : z - start],
+                None if alpha is None else alpha[a - start : z - start],
+            )
         yield start, rgb, alpha
 
 
@@ -506,8 +546,9 @@ def render_landmarks(
         seq, size, thickness, style, batch_size, mesh_thickness, device
     )
     out = torch.empty(len(seq), height, width, 3, dtype=torch.float32, device=device)
-    for _ in _iter_batches(seq, width, height, thickness, style, device, batch_size, mesh_thickness, antialias,
-                           out=out):
+    for _ in _iter_batches(
+        seq, width, height, thickness, style, device, batch_size, mesh_thickness, antialias, out=out
+    ):
         pass
     return out
 
@@ -559,8 +600,18 @@ def render_points(
     step = canvas.keys.shape[0]
     for a in range(0, b, step):
         z = min(a + step, b)
-        _draw_into(canvas, pts[a:z], ok[a:z], topo, thickness, style, mesh_thickness, antialias, rgb[a:z],
-                   None if alpha is None else alpha[a:z])
+        _draw_into(
+            canvas,
+            pts[a:z],
+            ok[a:z],
+            topo,
+            thickness,
+            style,
+            mesh_thickness,
+            antialias,
+            rgb[a:z],
+            None if alpha is None else alpha[a:z],
+        )
     return (rgb, alpha) if return_alpha else rgb
 
 
@@ -585,8 +636,9 @@ def iter_rendered_frames(
 
     def frames():
         with torch.no_grad():
-            for _, rgb, _ in _iter_batches(seq, width, height, thickness, style, device, batch_size, mesh_thickness,
-                                           antialias):
+            for _, rgb, _ in _iter_batches(
+                seq, width, height, thickness, style, device, batch_size, mesh_thickness, antialias
+            ):
                 batch = (rgb * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
                 yield from batch
 
@@ -640,8 +692,9 @@ def draw_landmarks_on_frames(
             f"draw_landmarks_on_frames frames have dtype {out.dtype}, expected uint8 or float in 0..1"
         )
     is_uint8 = out.dtype == torch.uint8
-    for start, rgb, alpha in _iter_batches(seq, width, height, thickness, style, dev, batch_size, mesh_thickness,
-                                           antialias, want_alpha=True):
+    for start, rgb, alpha in _iter_batches(
+        seq, width, height, thickness, style, dev, batch_size, mesh_thickness, antialias, want_alpha=True
+    ):
         stop = start + rgb.shape[0]
         base = out[start:stop].to(dev, torch.float32)
         if is_uint8:
@@ -691,12 +744,14 @@ def to_openpose_face(seq: LandmarkSequence, normalized: bool = False) -> list[di
     for t in range(len(seq)):
         people = []
         if seq.valid[t]:
-            people.append({
-                "pose_keypoints_2d": [],
-                "face_keypoints_2d": [float(v) for v in triples[t].reshape(-1)],
-                "hand_left_keypoints_2d": [],
-                "hand_right_keypoints_2d": [],
-            })
+            people.append(
+                {
+                    "pose_keypoints_2d": [],
+                    "face_keypoints_2d": [float(v) for v in triples[t].reshape(-1)],
+                    "hand_left_keypoints_2d": [],
+                    "hand_right_keypoints_2d": [],
+                }
+            )
         result.append({"people": people, "canvas_width": int(width), "canvas_height": int(height)})
     return result
 

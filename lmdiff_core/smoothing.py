@@ -77,4 +77,3 @@ def jitter(seq: LandmarkSequence, indices=None) -> float:
     pts = seq.points[:, :, :2] if indices is None else seq.points[:, np.asarray(indices), :2]
     scale = float(np.median(seq.inter_ocular()))
     return float(np.linalg.norm(np.diff(pts.astype(np.float64), n=2, axis=0), axis=-1).mean() / scale)
-

@@ -39,9 +39,10 @@ class Topology:
         return np.unique(np.concatenate([np.asarray(p.indices) for p in self.parts[part]]))
 
     def eye_centers(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(right, left) eye centres of points [..., N, 3]: the iris centre, else the mean of the two corners."""
-        if self.pupils is not None:
-            return points[..., self.pupils[0], :], points[..., self.pupils[1], :]
+        """(right, left) eye centres of points [..., N, 3]: the midpoints of each eye's two corners.
+
+        Corners, not irises: MediaPipe's iris points can land far outside the eye on small faces.
+        """
         (r0, r1), (l0, l1) = self.eye_corners
         return (points[..., r0, :] + points[..., r1, :]) / 2, (points[..., l0, :] + points[..., l1, :]) / 2
 
@@ -51,9 +52,15 @@ class Topology:
         return np.linalg.norm(points[..., a, :2] - points[..., b, :2], axis=-1)
 
     def pupil_points(self, points: np.ndarray) -> np.ndarray:
-        """[..., 2, 3] right and left pupil positions."""
-        right, left = self.eye_centers(points)
-        return np.stack([right, left], axis=-2)
+        """[..., 2, 3] right and left pupils: the iris centre where it lies inside the eye, else the eye centre."""
+        centres = np.stack(self.eye_centers(points), axis=-2)
+        if self.pupils is None:
+            return centres
+        irises = points[..., list(self.pupils), :]
+        corners = np.asarray(self.eye_corners)
+        half_width = np.linalg.norm(points[..., corners[:, 0], :2] - points[..., corners[:, 1], :2], axis=-1) / 2
+        inside = np.linalg.norm(irises[..., :2] - centres[..., :2], axis=-1) <= half_width
+        return np.where(inside[..., None], irises, centres)
 
 
 def _chain(*indices: int, closed: bool = False) -> Polyline:
@@ -65,21 +72,68 @@ MEDIAPIPE478 = Topology(
     n_points=478,
     parts={
         "contour": (
-            _chain(10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152, 148,
-                   176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109, closed=True),
+            _chain(
+                10,
+                338,
+                297,
+                332,
+                284,
+                251,
+                389,
+                356,
+                454,
+                323,
+                361,
+                288,
+                397,
+                365,
+                379,
+                378,
+                400,
+                377,
+                152,
+                148,
+                176,
+                149,
+                150,
+                136,
+                172,
+                58,
+                132,
+                93,
+                234,
+                127,
+                162,
+                21,
+                54,
+                103,
+                67,
+                109,
+                closed=True,
+            ),
         ),
         "right_brow": (_chain(46, 53, 52, 65, 55), _chain(70, 63, 105, 66, 107)),
         "left_brow": (_chain(276, 283, 282, 295, 285), _chain(300, 293, 334, 296, 336)),
-        "right_eye": (_chain(33, 7, 163, 144, 145, 153, 154, 155, 133, 173, 157, 158, 159, 160, 161, 246, closed=True),),
-        "left_eye": (_chain(263, 249, 390, 373, 374, 380, 381, 382, 362, 398, 384, 385, 386, 387, 388, 466, closed=True),),
+        "right_eye": (
+            _chain(33, 7, 163, 144, 145, 153, 154, 155, 133, 173, 157, 158, 159, 160, 161, 246, closed=True),
+        ),
+        "left_eye": (
+            _chain(263, 249, 390, 373, 374, 380, 381, 382, 362, 398, 384, 385, 386, 387, 388, 466, closed=True),
+        ),
         "nose": (
             _chain(168, 6, 197, 195, 5, 4, 1, 19, 94, 2),
             _chain(98, 97, 2, 326, 327, 294, 278, 344, 440, 275, 4, 45, 220, 115, 48, 64, 98),
         ),
-        "outer_lips": (_chain(61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185,
-                              closed=True),),
-        "inner_lips": (_chain(78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308, 415, 310, 311, 312, 13, 82, 81, 80, 191,
-                              closed=True),),
+        "outer_lips": (
+            _chain(
+                61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185, closed=True
+            ),
+        ),
+        "inner_lips": (
+            _chain(
+                78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308, 415, 310, 311, 312, 13, 82, 81, 80, 191, closed=True
+            ),
+        ),
         "right_iris": (_chain(469, 470, 471, 472, closed=True),),
         "left_iris": (_chain(474, 475, 476, 477, closed=True),),
     },
@@ -140,7 +194,9 @@ def convert_points(points: np.ndarray, source: str, target: str) -> np.ndarray:
     if source == target:
         return points
     if (source, target) != ("mediapipe478", "ibug68"):
-        raise LmdiffInputError(f"cannot convert landmarks from {source} to {target}: only mediapipe478 -> ibug68 exists")
+        raise LmdiffInputError(
+            f"cannot convert landmarks from {source} to {target}: only mediapipe478 -> ibug68 exists"
+        )
     table = ibug68_from_mediapipe478()
     a, b, w = table[:, 0].astype(int), table[:, 1].astype(int), table[:, 2]
     w = w[:, None].astype(points.dtype)

@@ -166,8 +166,9 @@ def test_landmarks_preview_video(clip_landmarks):
 def test_landmarks_canonical(clip_landmarks, workdir, mediapipe_model):
     plain = LandmarkSequence.load(clip_landmarks[2])
     out = workdir / "canonical.npz"
-    code, _ = run_in_process(["landmarks", shared_path(CLIP), "-o", out, "--model", mediapipe_model, "--fps", FPS,
-                              "--canonical"])
+    code, _ = run_in_process(
+        ["landmarks", shared_path(CLIP), "-o", out, "--model", mediapipe_model, "--fps", FPS, "--canonical"]
+    )
     assert code == 0
     seq = LandmarkSequence.load(out)
     assert seq.space == "canonical" and len(seq) == len(plain) and seq.fps == FPS
@@ -242,12 +243,15 @@ def test_demo(workdir, mediapipe_model):
 
 
 def test_help_exits_0():
-    top = subprocess.run([sys.executable, "-m", "lmdiff_core.cli", "--help"], capture_output=True, text=True, timeout=60)
+    top = subprocess.run(
+        [sys.executable, "-m", "lmdiff_core.cli", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert top.returncode == 0
     for command in ("landmarks", "render", "crop", "demo", "download-model"):
         assert command in top.stdout
-    sub = subprocess.run([sys.executable, "-m", "lmdiff_core.cli", "landmarks", "--help"], capture_output=True,
-                         text=True, timeout=60)
+    sub = subprocess.run(
+        [sys.executable, "-m", "lmdiff_core.cli", "landmarks", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert sub.returncode == 0 and "--preview" in sub.stdout and "--canonical" in sub.stdout
 
 
@@ -262,28 +266,62 @@ def _write_inputs(folder: Path) -> None:
     Image.fromarray(np.full((1, 1, 3), 200, np.uint8)).save(folder / "tiny.png")
     soundfile.write(folder / "empty.wav", np.zeros(0, np.float32), 16000)
     face = mean_face("ibug68").astype(np.float32)
-    LandmarkSequence(np.repeat(face[None], 10, axis=0), "ibug68", fps=25, frame_size=(512, 512)).save(folder / "face.npz")
+    LandmarkSequence(np.repeat(face[None], 10, axis=0), "ibug68", fps=25, frame_size=(512, 512)).save(
+        folder / "face.npz"
+    )
 
 
 # name: (argv with {d} = the case's folder, {clip}, {model}; substring the error line must contain;
 #        files put at output paths beforehand, which a failed run must leave byte-identical)
 BAD_INPUTS = {
-    "text-file-as-mp4": (["landmarks", "{d}/notes.mp4", "-o", "{d}/out.npz", "--preview", "{d}/prev.mp4", "--model", "{model}"], "notes.mp4", ()),
-    "no-face": (["landmarks", "{d}/grey.png", "-o", "{d}/out.npz", "--preview", "{d}/prev.png", "--model", "{model}"], "no face", ()),
-    "directory-as-input": (["landmarks", "{d}/folder.mp4", "-o", "{d}/out.npz", "--model", "{model}"], "folder.mp4", ()),
+    "text-file-as-mp4": (
+        ["landmarks", "{d}/notes.mp4", "-o", "{d}/out.npz", "--preview", "{d}/prev.mp4", "--model", "{model}"],
+        "notes.mp4",
+        (),
+    ),
+    "no-face": (
+        ["landmarks", "{d}/grey.png", "-o", "{d}/out.npz", "--preview", "{d}/prev.png", "--model", "{model}"],
+        "no face",
+        (),
+    ),
+    "directory-as-input": (
+        ["landmarks", "{d}/folder.mp4", "-o", "{d}/out.npz", "--model", "{model}"],
+        "folder.mp4",
+        (),
+    ),
     "1x1-image": (["landmarks", "{d}/tiny.png", "-o", "{d}/out.npz", "--model", "{model}"], "1x1", ()),
     "missing-file": (["landmarks", "{d}/missing.mp4", "-o", "{d}/out.npz", "--model", "{model}"], "missing.mp4", ()),
     "unknown-face": (["landmarks", "{clip}", "-o", "{d}/out.npz", "--model", "{model}", "--face", "foo"], "foo", ()),
     "bad-output-suffix": (["landmarks", "{clip}", "-o", "{d}/out.txt", "--model", "{model}"], "out.txt", ()),
-    "bad-preview-suffix": (["landmarks", "{clip}", "-o", "{d}/out.npz", "--preview", "{d}/prev.gif", "--model", "{model}"], "prev.gif", ()),
-    "missing-output-folder": (["landmarks", "{clip}", "-o", "{d}/nowhere/out.npz", "--model", "{model}"], "nowhere", ()),
+    "bad-preview-suffix": (
+        ["landmarks", "{clip}", "-o", "{d}/out.npz", "--preview", "{d}/prev.gif", "--model", "{model}"],
+        "prev.gif",
+        (),
+    ),
+    "missing-output-folder": (
+        ["landmarks", "{clip}", "-o", "{d}/nowhere/out.npz", "--model", "{model}"],
+        "nowhere",
+        (),
+    ),
     "missing-model": (["landmarks", "{clip}", "-o", "{d}/out.npz", "--model", "{d}/missing.task"], "missing.task", ()),
     "zero-fps": (["landmarks", "{clip}", "-o", "{d}/out.npz", "--model", "{model}", "--fps", "0"], "fps", ()),
     "render-video-as-landmarks": (["render", "{clip}", "-o", "{d}/r.mp4"], "edtalk_woman_en.mp4", ()),
     # An existing output survives a failed run byte for byte (these also check that no new file appears).
-    "no-face-default-detector-keeps-outputs": (["landmarks", "{d}/noise.png", "-o", "{d}/out.npz", "--preview", "{d}/prev.png"], "no face", ("out.npz", "prev.png")),
-    "text-file-as-mp4-keeps-outputs": (["landmarks", "{d}/notes.mp4", "-o", "{d}/out.npz", "--preview", "{d}/prev.mp4", "--model", "{model}"], "notes.mp4", ("out.npz", "prev.mp4")),
-    "render-empty-wav-keeps-output": (["render", "{d}/face.npz", "-o", "{d}/r.mp4", "--audio", "{d}/empty.wav"], "empty.wav", ("r.mp4",)),
+    "no-face-default-detector-keeps-outputs": (
+        ["landmarks", "{d}/noise.png", "-o", "{d}/out.npz", "--preview", "{d}/prev.png"],
+        "no face",
+        ("out.npz", "prev.png"),
+    ),
+    "text-file-as-mp4-keeps-outputs": (
+        ["landmarks", "{d}/notes.mp4", "-o", "{d}/out.npz", "--preview", "{d}/prev.mp4", "--model", "{model}"],
+        "notes.mp4",
+        ("out.npz", "prev.mp4"),
+    ),
+    "render-empty-wav-keeps-output": (
+        ["render", "{d}/face.npz", "-o", "{d}/r.mp4", "--audio", "{d}/empty.wav"],
+        "empty.wav",
+        ("r.mp4",),
+    ),
 }
 
 
@@ -305,8 +343,9 @@ def _run_bad(name: str, folder: Path, clip: Path, model: Path) -> Result:
     before = files_under(folder)
     args = [a.format(d=folder, clip=clip, model=model) for a in argv]
     env = {k: v for k, v in os.environ.items() if k != "LMDIFF_MEDIAPIPE_MODEL"}  # --detector auto means dlib here
-    proc = subprocess.run([sys.executable, "-m", "lmdiff_core.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmdiff_core.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
     return Result(proc.returncode, proc.stdout, proc.stderr, before, files_under(folder))
 
 
@@ -337,14 +376,13 @@ def test_bad_input_exits_2_and_writes_nothing(bad_run, name):
     assert expected in last, last
     assert result.stdout == ""
     # No output, no partial or temporary file, and sentinels byte-identical.
-    changed = sorted(k for k in set(result.before) | set(result.after) if result.before.get(k, 0) != result.after.get(k, 0))
+    changed = sorted(
+        k for k in set(result.before) | set(result.after) if result.before.get(k, 0) != result.after.get(k, 0)
+    )
     assert not changed, f"files created, removed or modified by the failed run: {changed}"
 
 
-@pytest.mark.parametrize(
-    "name", list(BAD_INPUTS)
-)
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
 def test_bad_input_prints_exactly_one_line(bad_run, name):
     lines = bad_run(name).stderr.splitlines()
     assert len(lines) == 1, lines
-

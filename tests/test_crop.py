@@ -4,8 +4,6 @@ MediaPipe re-detection on the crops)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -24,6 +22,7 @@ from lmdiff_core.landmarks import LandmarkSequence
 from lmdiff_core.topology import get_topology
 
 from .conftest import MEDIAPIPE_TASK, SHARED  # the one way tests reach ../shared
+
 CLIPS = SHARED / "data" / "clips"
 FACE_MODEL = SHARED / MEDIAPIPE_TASK
 needs_media = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared (real test media) is absent")
@@ -77,7 +76,9 @@ def _load_clip(name: str, n_frames: int = N_FRAMES):
                 break
             rgb = frame.to_ndarray(format="rgb24")
             h, w = rgb.shape[:2]
-            result = lm.detect_for_video(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(rgb)), i * 40)
+            result = lm.detect_for_video(
+                mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(rgb)), i * 40
+            )
             p = _to_points(result, w, h)
             frames.append(rgb)
             points.append(np.zeros((MP.n_points, 3), np.float32) if p is None else p)
@@ -169,7 +170,7 @@ def test_paste_back_feathering_and_chunks():
     crops = crop_frames(frames[:8], track, np.arange(8))  # uint8 numpy [B, H, W, 3] input
     assert torch.allclose(crops, crop_frames(x, track, np.arange(8)), atol=1e-5)
     # chunked processing gives what one batch gives
-    chunked = torch.cat([crop_frames(x[i:i + 3], track, np.arange(i, min(i + 3, 8))) for i in range(0, 8, 3)])
+    chunked = torch.cat([crop_frames(x[i : i + 3], track, np.arange(i, min(i + 3, 8))) for i in range(0, 8, 3)])
     assert torch.allclose(chunked, crops, atol=1e-6)
 
     black = torch.zeros_like(crops)
@@ -189,7 +190,7 @@ def test_paste_back_feathering_and_chunks():
     grey = {}
     for aa in (True, False):
         out, m = paste_back(x, checker, track512, np.arange(8), mask="face", feather=0, antialias=aa)
-        inside = (m[:, 0] > 0.999)
+        inside = m[:, 0] > 0.999
         grey[aa] = float(out.permute(0, 2, 3, 1)[inside].std())
     assert grey[True] < 0.05 and grey[False] > 2 * grey[True], grey
     # the caller's frames are never modified
@@ -350,10 +351,76 @@ def test_rasterize_polygons_matches_skimage():
 
 def test_ibug68_landmarks_work():
     # iBUG-68 built from MediaPipe vertices (a rough vertex map, enough to exercise the jaw-line code path)
-    mp2ibug = [127, 234, 93, 132, 58, 136, 150, 176, 152, 400, 379, 365, 288, 361, 323, 454, 356, 70, 63, 105, 66,
-               107, 336, 296, 334, 293, 300, 168, 197, 5, 4, 75, 97, 2, 326, 305, 33, 160, 158, 133, 153, 144, 362,
-               385, 387, 263, 373, 380, 61, 39, 37, 0, 267, 269, 291, 405, 314, 17, 84, 181, 78, 82, 13, 312, 308,
-               317, 14, 87]
+    mp2ibug = [
+        127,
+        234,
+        93,
+        132,
+        58,
+        136,
+        150,
+        176,
+        152,
+        400,
+        379,
+        365,
+        288,
+        361,
+        323,
+        454,
+        356,
+        70,
+        63,
+        105,
+        66,
+        107,
+        336,
+        296,
+        334,
+        293,
+        300,
+        168,
+        197,
+        5,
+        4,
+        75,
+        97,
+        2,
+        326,
+        305,
+        33,
+        160,
+        158,
+        133,
+        153,
+        144,
+        362,
+        385,
+        387,
+        263,
+        373,
+        380,
+        61,
+        39,
+        37,
+        0,
+        267,
+        269,
+        291,
+        405,
+        314,
+        17,
+        84,
+        181,
+        78,
+        82,
+        13,
+        312,
+        308,
+        317,
+        14,
+        87,
+    ]
     mp_seq = _synthetic_seq(5) if not SHARED.is_dir() else clip("edtalk_woman_en")[1][:5]
     seq = LandmarkSequence(mp_seq.points[:, mp2ibug], topology="ibug68", fps=25, frame_size=mp_seq.frame_size)
     track = compute_crop_track(seq, size=128)

@@ -205,3 +205,22 @@ def test_landmark_sequence_is_the_package_type():
     import lmdiff_core
 
     assert lmdiff_core.LandmarkSequence is LandmarkSequence
+
+
+def test_small_face_crops_stay_upright_and_pupils_stay_in_the_eyes(mediapipe_model):
+    """On a small face MediaPipe's iris points can fall outside the eyes; eye centres and pupils must not follow."""
+    from lmdiff_core.crop import compute_crop_track
+
+    frames = iter_frames(shared_path("data/clips/latentsync_woman.mp4"), max_frames=110)
+    with load_landmarker("mediapipe", mediapipe_model) as lm:
+        seq = extract_landmarks(frames, lm)
+    angles = np.degrees(compute_crop_track(seq, size=256).angles)
+    (r0, r1), (l0, l1) = MEDIAPIPE478.eye_corners
+    eye_line = seq.points[:, l1, :2] - seq.points[:, r0, :2]
+    expected = np.degrees(np.arctan2(eye_line[:, 1], eye_line[:, 0]))
+    assert np.abs(angles - expected).max() < 10.0
+    pupils = MEDIAPIPE478.pupil_points(seq.points)
+    for (a, b), pupil in zip(MEDIAPIPE478.eye_corners, (pupils[:, 0], pupils[:, 1])):
+        half = np.linalg.norm(seq.points[:, a, :2] - seq.points[:, b, :2], axis=-1) / 2
+        centre = (seq.points[:, a, :2] + seq.points[:, b, :2]) / 2
+        assert (np.linalg.norm(pupil[:, :2] - centre, axis=-1) <= half + 1e-4).all()

@@ -7,7 +7,6 @@ own 68-point fit for the mediapipe478 -> ibug68 map, MediaPipe's own connection 
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
@@ -70,7 +69,18 @@ def mediapipe_image_landmarker(mediapipe_model):
     lm.close()
 
 
-FIELDS = ("points", "topology", "fps", "frame_size", "valid", "interpolated", "blendshapes", "pose", "space", "image_size")
+FIELDS = (
+    "points",
+    "topology",
+    "fps",
+    "frame_size",
+    "valid",
+    "interpolated",
+    "blendshapes",
+    "pose",
+    "space",
+    "image_size",
+)
 
 
 def assert_same_sequence(a: LandmarkSequence, b: LandmarkSequence) -> None:
@@ -177,8 +187,13 @@ def _npz_without_keys(tmp_path):
 
 def _npz_with_bad_points(tmp_path):
     path = tmp_path / "badpoints.npz"
-    np.savez(path, points=np.zeros((2, 10, 3), np.float32), topology=np.str_("ibug68"), fps=np.float64(25),
-             frame_size=np.array([256, 256]))
+    np.savez(
+        path,
+        points=np.zeros((2, 10, 3), np.float32),
+        topology=np.str_("ibug68"),
+        fps=np.float64(25),
+        frame_size=np.array([256, 256]),
+    )
     return path
 
 
@@ -371,8 +386,23 @@ def test_resample_keeps_a_valid_frame_valid_at_its_own_time(full_seq):
         dict(points=np.zeros((3, 68, 3)), topology="ibug68", blendshapes=np.zeros((2, 52))),
         dict(points=np.zeros((3, 68, 3)), topology="ibug68", pose=np.zeros((3, 3, 3))),
     ],
-    ids=["68-for-mp478", "478-for-ibug", "70-for-ibug", "1d", "4d", "xyzw", "unknown-topology", "fps0", "fps-neg",
-         "fps-nan", "space", "valid-len", "interpolated-len", "blendshapes-len", "pose-shape"],
+    ids=[
+        "68-for-mp478",
+        "478-for-ibug",
+        "70-for-ibug",
+        "1d",
+        "4d",
+        "xyzw",
+        "unknown-topology",
+        "fps0",
+        "fps-neg",
+        "fps-nan",
+        "space",
+        "valid-len",
+        "interpolated-len",
+        "blendshapes-len",
+        "pose-shape",
+    ],
 )
 def test_constructor_rejects_bad_input(kwargs):
     with pytest.raises(LmdiffInputError):
@@ -452,8 +482,9 @@ def _blendshape_names(image: np.ndarray, model) -> list[str]:
     import mediapipe as mp
     from mediapipe.tasks.python import BaseOptions, vision
 
-    options = vision.FaceLandmarkerOptions(base_options=BaseOptions(model_asset_path=str(model)),
-                                           output_face_blendshapes=True)
+    options = vision.FaceLandmarkerOptions(
+        base_options=BaseOptions(model_asset_path=str(model)), output_face_blendshapes=True
+    )
     with vision.FaceLandmarker.create_from_options(options) as landmarker:
         result = landmarker.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image)))
     return [c.category_name for c in result.face_blendshapes[0]]
@@ -476,7 +507,9 @@ def test_inter_ocular_is_the_outer_eye_corner_distance(real_seq):
     assert 40 < by_hand.mean() < 200
 
 
-@pytest.mark.parametrize("topology, upper, lower, right, left", [("mediapipe478", 13, 14, 33, 263), ("ibug68", 62, 66, 36, 45)])
+@pytest.mark.parametrize(
+    "topology, upper, lower, right, left", [("mediapipe478", 13, 14, 33, 263), ("ibug68", 62, 66, 36, 45)]
+)
 def test_mouth_opening_is_the_inner_lip_gap_over_the_eye_distance(real_seq, topology, upper, lower, right, left):
     frame = real_seq[0].to_topology(topology).points[0].astype(np.float64)
     iod = np.hypot(*(frame[right, :2] - frame[left, :2]))

@@ -26,6 +26,7 @@ from lmdiff_core import comfy_io, media
 from lmdiff_core.errors import LmdiffInputError
 
 from .conftest import SHARED  # the one way tests reach ../shared
+
 DATA = SHARED / "data"
 CLIP = DATA / "clips" / "edtalk_woman_en.mp4"  # 10.00 s, 256x256, 25 fps, AAC 44.1 kHz
 CLIP_WAV = DATA / "clips" / "edtalk_woman_en.wav"  # the same 10 s span, 16 kHz mono

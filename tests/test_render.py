@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+
 import numpy as np
 import pytest
 import torch
@@ -22,7 +23,7 @@ from lmdiff_core.render import (
     save_openpose_json,
     to_openpose_face,
 )
-from lmdiff_core.topology import IBUG68, MEDIAPIPE478, convert_points
+from lmdiff_core.topology import IBUG68, MEDIAPIPE478
 
 from .conftest import shared_path
 
@@ -85,13 +86,6 @@ def face_like_mediapipe478(rng, size: int = 256) -> np.ndarray:
     out[:, :2] = p
     out[468:473, :2] = p[468:473]
     return out
-
-
-def mediapipe_map_available() -> bool:
-    try:
-        return convert_points(np.zeros((1, 478, 3), np.float32), "mediapipe478", "ibug68").shape == (1, 68, 3)
-    except Exception:
-        return False
 
 
 def seq_of(points, topology="ibug68", frame_size=(256, 256), valid=None) -> LandmarkSequence:
@@ -337,8 +331,9 @@ def test_draw_landmarks_on_frames_blends_over_real_frames():
     rng = np.random.default_rng(3)
     frames = rng.integers(0, 256, (3, 128, 160, 3), dtype=np.uint8)
     pts = synthetic_ibug68()
-    seq = LandmarkSequence(points=np.stack([pts] * 3), topology="ibug68", frame_size=(256, 256),
-                           valid=[True, False, True])
+    seq = LandmarkSequence(
+        points=np.stack([pts] * 3), topology="ibug68", frame_size=(256, 256), valid=[True, False, True]
+    )
     out = draw_landmarks_on_frames(frames, seq, thickness=2.0)
     assert isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == frames.shape
     np.testing.assert_array_equal(out[1], frames[1])  # invalid frame untouched
@@ -392,7 +387,10 @@ def test_openpose_face_export_ibug68(tmp_path):
     assert poses[1] == {"people": [], "canvas_width": 256, "canvas_height": 200}
     person = poses[0]["people"][0]
     assert set(person) == {
-        "pose_keypoints_2d", "face_keypoints_2d", "hand_left_keypoints_2d", "hand_right_keypoints_2d"
+        "pose_keypoints_2d",
+        "face_keypoints_2d",
+        "hand_left_keypoints_2d",
+        "hand_right_keypoints_2d",
     }
     assert person["pose_keypoints_2d"] == [] and person["hand_left_keypoints_2d"] == []
     face = np.asarray(person["face_keypoints_2d"]).reshape(70, 3)
@@ -420,14 +418,16 @@ def test_openpose_face_export_missing_points_and_mediapipe_pupils():
     np.testing.assert_array_equal(face[5], [0.0, 0.0, 0.0])  # OpenPose's "missing"
     json.dumps(to_openpose_face(seq_of(pts)), allow_nan=False)
 
-    if not mediapipe_map_available():
-        pytest.skip("mediapipe478 -> ibug68 map not filled in yet")
     mp = synthetic_mediapipe478()
-    mp[468, :2], mp[473, :2] = (60.25, 70.5), (190.75, 71.0)
+    centres = [(mp[a, :2] + mp[b, :2]) / 2 for a, b in ((33, 133), (362, 263))]
+    mp[468, :2], mp[473, :2] = centres[0] + (1.25, -0.5), centres[1] + (-0.75, 0.25)
     seq = seq_of(mp, "mediapipe478")
     face = np.asarray(to_openpose_face(seq)[0]["people"][0]["face_keypoints_2d"]).reshape(70, 3)
-    np.testing.assert_allclose(face[68:, :2], [[60.25, 70.5], [190.75, 71.0]], atol=1e-3)  # iris centres
+    np.testing.assert_allclose(face[68:, :2], [mp[468, :2], mp[473, :2]], atol=1e-3)  # iris centres inside the eyes
     np.testing.assert_allclose(face[:68, :2], seq.to_topology("ibug68").points[0, :, :2], atol=1e-3)
+    mp[468, :2] = centres[0] + (0.0, 200.0)  # an iris point far outside its eye falls back to the eye centre
+    face = np.asarray(to_openpose_face(seq_of(mp, "mediapipe478"))[0]["people"][0]["face_keypoints_2d"]).reshape(70, 3)
+    np.testing.assert_allclose(face[68, :2], centres[0], atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -440,8 +440,8 @@ def test_real_photo_pupils_and_rendering(mediapipe_model):
     image_path = shared_path(f"data/faces/img/{name}.jpg")
     annotation_path = shared_path(f"data/faces/lmk/{name}.json")
     mp = pytest.importorskip("mediapipe")
-    from PIL import Image
     from mediapipe.tasks.python import BaseOptions, vision
+    from PIL import Image
 
     img = np.asarray(Image.open(image_path).convert("RGB"))
     options = vision.FaceLandmarkerOptions(base_options=BaseOptions(model_asset_path=str(mediapipe_model)), num_faces=1)
@@ -455,9 +455,8 @@ def test_real_photo_pupils_and_rendering(mediapipe_model):
     iod = np.linalg.norm(annotated[0] - annotated[1])
     pupils = MEDIAPIPE478.pupil_points(seq.points)[0, :, :2]
     assert np.linalg.norm(pupils - annotated, axis=1).max() < 0.05 * iod
-    if mediapipe_map_available():
-        face = np.asarray(to_openpose_face(seq)[0]["people"][0]["face_keypoints_2d"]).reshape(70, 3)
-        np.testing.assert_allclose(face[68:, :2], pupils, atol=1e-3)
+    face = np.asarray(to_openpose_face(seq)[0]["people"][0]["face_keypoints_2d"]).reshape(70, 3)
+    np.testing.assert_allclose(face[68:, :2], pupils, atol=1e-3)
     img_r = render_landmarks(seq, thickness=2.0)[0].numpy()
     for part, pupil in (("right_iris", pupils[0]), ("left_iris", pupils[1])):
         x0, y0 = (pupil - 0.15 * iod).astype(int)
