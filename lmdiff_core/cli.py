@@ -92,7 +92,12 @@ def _write_preview(path: Path, frames, seq, canonical, fps: float, audio=None) -
         if path.suffix.lower() == ".png":
             from PIL import Image
 
-            Image.fromarray(next(counted())).save(path)
+            partial = path.with_name(f".{path.name}.part")
+            try:
+                Image.fromarray(next(counted())).save(partial, format="PNG")
+                os.replace(partial, path)
+            finally:
+                partial.unlink(missing_ok=True)
         else:
             write_video(path, counted(), fps, audio=audio)
 
@@ -106,15 +111,20 @@ def cmd_landmarks(args) -> None:
     preview = _output(args.preview, (".mp4", ".png"), "preview") if args.preview else None
     seq, info = _extract(args, source)
     canonical = canonicalize(seq)
-    if preview is not None:
-        if info is None:
-            frames = [read_image(source)]
-            audio = None
-        else:
-            frames = iter_frames(source, args.fps, max_frames=len(seq))
-            audio = read_audio(source) if info.has_audio else None
-        _write_preview(preview, frames, seq, canonical, args.fps, audio)
-    (canonical if args.canonical else seq).save(out)
+    # Both outputs appear together or not at all: the landmarks wait under a temporary name for the preview.
+    partial = (canonical if args.canonical else seq).save(out.with_name(f".{out.stem}.part.npz"))
+    try:
+        if preview is not None:
+            if info is None:
+                frames = [read_image(source)]
+                audio = None
+            else:
+                frames = iter_frames(source, args.fps, max_frames=len(seq))
+                audio = read_audio(source) if info.has_audio else None
+            _write_preview(preview, frames, seq, canonical, args.fps, audio)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
     print(f"{out}: {seq}")
 
 

@@ -386,3 +386,21 @@ def test_bad_input_exits_2_and_writes_nothing(bad_run, name):
 def test_bad_input_prints_exactly_one_line(bad_run, name):
     lines = bad_run(name).stderr.splitlines()
     assert len(lines) == 1, lines
+
+
+def test_failed_preview_leaves_neither_output(tmp_path, images_dir, monkeypatch):
+    """The landmark file and its preview appear together: a preview that fails takes the landmarks with it."""
+    import lmdiff_core.cli as cli
+
+    out = tmp_path / "out.npz"
+    out.write_bytes(b"an earlier good result")
+
+    def broken_preview(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cli, "_write_preview", broken_preview)
+    portrait = str(images_dir / "portrait_man_b.png")
+    with pytest.raises(OSError, match="disk full"):
+        main(["landmarks", portrait, "-o", str(out), "--preview", str(tmp_path / "p.png"), "--detector", "dlib"])
+    assert out.read_bytes() == b"an earlier good result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npz"]
