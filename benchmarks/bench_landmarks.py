@@ -59,13 +59,17 @@ def bench_detection(clip: Path, model: Path, n_frames: int) -> dict:
     decode_s, _ = timed(lambda: sum(1 for _ in iter_frames(clip, 25.0, max_frames=n_frames)))
     out["decode_fps"] = len(frames) / decode_s
     for num_faces in (1, 2):
-        load_s, landmarker = timed(lambda n=num_faces: load_landmarker("mediapipe", model, num_faces=n))
-        with landmarker:
-            detect_s, seq = timed(lambda lm=landmarker: extract_landmarks(frames, lm))
+        loads, detect_s = [], float("inf")
+        for _ in range(2):  # best of two: the shared machine's load varies
+            load, landmarker = timed(lambda n=num_faces: load_landmarker("mediapipe", model, num_faces=n))
+            with landmarker:
+                detect, seq = timed(lambda lm=landmarker: extract_landmarks(frames, lm))
+            loads.append(load)
+            detect_s = min(detect_s, detect)
         canon_s, _ = timed(lambda s=seq: canonicalize(s), repeat=3)
         smooth_s, _ = timed(lambda s=seq: smooth_landmarks(s), repeat=3)
         out[f"mediapipe_num_faces_{num_faces}"] = {
-            "model_load_s": load_s,
+            "model_load_s": loads,
             "detect_fps": len(frames) / detect_s,
             "canonicalize_fps": len(frames) / canon_s,
             "smooth_fps": len(frames) / smooth_s,
