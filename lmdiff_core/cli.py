@@ -200,12 +200,11 @@ def cmd_demo(args) -> None:
     n_frames = int(round(args.seconds * DEMO_FPS))
     started = time.perf_counter()
     with _open_landmarker(args, video=True) as landmarker, _progress(n_frames, "landmarks") as bar:
-        seq = extract_landmarks(
-            demo_frames(n_frames), landmarker, DEMO_FPS, progress=lambda n: bar.update(1), source="demo clip"
-        )
+        frames = list(demo_frames(n_frames))  # a few seconds: small enough to keep for the preview pass
+        seq = extract_landmarks(frames, landmarker, DEMO_FPS, progress=lambda n: bar.update(1), source="demo clip")
     seq = smooth_landmarks(seq)
     canonical = canonicalize(seq)
-    _write_preview(out, demo_frames(n_frames), seq, canonical, DEMO_FPS, demo_speech(n_frames / DEMO_FPS))
+    _write_preview(out, frames, seq, canonical, DEMO_FPS, demo_speech(n_frames / DEMO_FPS))
     npz = out.with_suffix(".npz")
     canonical.save(npz)
     applied = demo_motion(n_frames).roll

@@ -191,7 +191,10 @@ def dlib_model_path(name: str = "shape_predictor_68_face_landmarks.dat") -> Path
 
 
 class DlibLandmarker(Landmarker):
-    """dlib HOG face detector + 68-point shape predictor (2D; z is 0)."""
+    """dlib HOG face detector + 68-point shape predictor (2D; z is 0).
+
+    Frames are searched at up to `max_detect_side` px, upsampled `upsample` times only when nothing was found.
+    """
 
     topology = "ibug68"
 
@@ -221,7 +224,9 @@ class DlibLandmarker(Landmarker):
                     (round(frame.shape[1] * scale), round(frame.shape[0] * scale)), Image.BILINEAR
                 )
             )
-        rects, scores, _ = self._detector.run(small, self.upsample, 0.0)
+        rects, scores, _ = self._detector.run(small, 0, 0.0)
+        if not rects and self.upsample:  # upsampling finds small faces but costs 2-3x: only when needed
+            rects, scores, _ = self._detector.run(small, self.upsample, 0.0)
         faces = []
         for rect, score in zip(rects, scores):
             big = self._dlib.rectangle(
