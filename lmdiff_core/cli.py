@@ -21,6 +21,14 @@ def _progress(total: int | None, desc: str):
     return tqdm(total=total, desc=desc, unit="frame", leave=False, disable=None)
 
 
+def _with_progress(frames, total: int, desc: str):
+    """Pass frames through while a progress bar counts them."""
+    with _progress(total, desc) as bar:
+        for frame in frames:
+            bar.update(1)
+            yield frame
+
+
 def _output(path: str, suffixes: tuple[str, ...], what: str) -> Path:
     out = Path(path)
     if out.suffix.lower() not in suffixes:
@@ -82,24 +90,18 @@ def _write_preview(path: Path, frames, seq, canonical, fps: float, audio=None) -
     from .media import write_video
     from .preview import landmark_preview
 
-    with _progress(len(seq), "preview") as bar:
+    frames = _with_progress(landmark_preview(frames, seq, canonical), len(seq), "preview")
+    if path.suffix.lower() == ".png":
+        from PIL import Image
 
-        def counted():
-            for frame in landmark_preview(frames, seq, canonical):
-                bar.update(1)
-                yield frame
-
-        if path.suffix.lower() == ".png":
-            from PIL import Image
-
-            partial = path.with_name(f".{path.name}.part")
-            try:
-                Image.fromarray(next(counted())).save(partial, format="PNG")
-                os.replace(partial, path)
-            finally:
-                partial.unlink(missing_ok=True)
-        else:
-            write_video(path, counted(), fps, audio=audio)
+        partial = path.with_name(f".{path.name}.part")
+        try:
+            Image.fromarray(next(frames)).save(partial, format="PNG")
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+    else:
+        write_video(path, frames, fps, audio=audio)
 
 
 def cmd_landmarks(args) -> None:
@@ -138,14 +140,7 @@ def cmd_render(args) -> None:
     from .render import iter_rendered_frames
 
     frames = iter_rendered_frames(seq, size=args.size, thickness=args.thickness, style=args.style)
-    with _progress(len(seq), "render") as bar:
-
-        def counted():
-            for frame in frames:
-                bar.update(1)
-                yield frame
-
-        write_video(out, counted(), seq.fps, audio=audio)
+    write_video(out, _with_progress(frames, len(seq), "render"), seq.fps, audio=audio)
     print(
         f"{out}: {len(seq)} frames at {args.size}x{args.size}, {seq.fps:g} fps"
         + (", with audio" if audio is not None else "")
@@ -179,14 +174,9 @@ def cmd_crop(args) -> None:
         if batch:
             yield from crop_frames(np.stack(batch), track, torch.arange(start, start + len(batch)))
 
-    def as_uint8():
-        with _progress(len(seq), "crop") as bar:
-            for crop in crops():
-                bar.update(1)
-                yield (crop.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-
+    as_uint8 = ((c.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy() for c in crops())
     audio = read_audio(source) if info.has_audio else None
-    write_video(out, as_uint8(), seq.fps, audio=audio)
+    write_video(out, _with_progress(as_uint8, len(seq), "crop"), seq.fps, audio=audio)
     print(f"{out}: {len(seq)} aligned {args.size}x{args.size} face crops")
 
 
