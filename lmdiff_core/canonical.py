@@ -25,6 +25,18 @@ CANONICAL_EYE_MID = (256.0, 220.0)
 CANONICAL_INTER_OCULAR = 150.0
 
 
+def to_model_units(points: np.ndarray) -> np.ndarray:
+    """Canonical points (px) -> model units: origin at the eye midpoint, one unit = the canonical inter-ocular distance."""
+    centre = np.array([*CANONICAL_EYE_MID, 0.0], dtype=np.float32)
+    return ((np.asarray(points, dtype=np.float32) - centre) / CANONICAL_INTER_OCULAR).astype(np.float32)
+
+
+def from_model_units(points: np.ndarray) -> np.ndarray:
+    """Inverse of `to_model_units`."""
+    centre = np.array([*CANONICAL_EYE_MID, 0.0], dtype=np.float32)
+    return (np.asarray(points, dtype=np.float32) * CANONICAL_INTER_OCULAR + centre).astype(np.float32)
+
+
 @lru_cache(maxsize=None)
 def mean_face(topology: str) -> np.ndarray:
     """The canonical mean face [N, 3] (float64) of a topology (see scripts/build_face_assets.py for its origin)."""
