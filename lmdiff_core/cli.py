@@ -209,6 +209,96 @@ def cmd_demo(args) -> None:
     )
 
 
+def cmd_prepare(args) -> None:
+    from .dataset import prepare_dataset
+
+    with _progress(None, "clips") as bar:
+
+        def progress(done, total, clip_id, status):
+            bar.total = total
+            bar.n = done
+            bar.set_postfix_str(f"{clip_id}: {status}")
+            bar.refresh()
+
+        report = prepare_dataset(
+            args.sources,
+            args.output,
+            lambda: _open_landmarker(args, video=True),
+            features=args.features,
+            crop_size=args.crop_size,
+            val_fraction=args.val_fraction,
+            min_seconds=args.min_seconds,
+            fps=args.fps,
+            max_gap=args.max_gap,
+            face=_face_selector(args.face),
+            progress=progress,
+        )
+    print(report.summary() if hasattr(report, "summary") else report)
+
+
+def _reference_landmarks(args, path: Path):
+    """One frame of reference landmarks from a .npz (the most closed-mouth valid frame) or a portrait image."""
+    from .landmarks import LandmarkSequence
+
+    if path.suffix.lower() == ".npz":
+        seq = LandmarkSequence.load(path)
+        candidates = np.flatnonzero(seq.valid)
+        if candidates.size == 0:
+            raise LmdiffInputError(f"reference landmarks {path} have no valid frame")
+        return seq[int(candidates[np.argmin(seq.mouth_opening()[candidates])])], None
+    from .detectors import detect_image
+    from .media import read_image
+
+    image = read_image(path)
+    with _open_landmarker(args, video=False) as landmarker:
+        return detect_image(image, landmarker, _face_selector(args.face), source=str(path)), image
+
+
+def cmd_a2l(args) -> None:
+    from .canonical import canonicalize, uncanonicalize
+    from .media import read_audio
+    from .motion import add_blinks, apply_head_motion, blink_curve, generate_head_motion
+    from .pipelines.a2l import AudioToLandmarksPipeline
+
+    out = _output(args.output, (".npz",), "landmark file")
+    preview = _output(args.preview, (".mp4",), "preview") if args.preview else None
+    audio = read_audio(args.audio)
+    reference, image = _reference_landmarks(args, Path(args.reference))
+    if reference.space == "image":
+        reference = canonicalize(reference)
+    pipeline = AudioToLandmarksPipeline.from_pretrained(args.checkpoint)
+    with _progress(None, "a2l") as bar:
+
+        def progress(done, total):
+            bar.total, bar.n = total, done
+            bar.refresh()
+
+        talking = pipeline(
+            audio,
+            reference,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            seed=args.seed,
+            progress=progress,
+        )
+    n = len(talking)
+    if args.pose_from:
+        driving_seq, _ = _extract(args, Path(args.pose_from))
+        driving = canonicalize(driving_seq).fit_length(n)
+        talking = talking.replace(pose=driving.pose, image_size=driving.image_size)
+    else:
+        talking = apply_head_motion(talking, generate_head_motion(n, talking.fps, pipeline.motion_stats, args.seed))
+    talking = add_blinks(talking, blink_curve(n, talking.fps, pipeline.motion_stats, args.seed))
+    if preview is not None:
+        posed = uncanonicalize(talking)
+        if image is None or args.pose_from:
+            image = np.zeros((posed.frame_size[1], posed.frame_size[0], 3), np.uint8)
+        frames = (image for _ in range(n))
+        _write_preview(preview, frames, posed, talking, talking.fps, audio)
+    talking.save(out)
+    print(f"{out}: {talking}")
+
+
 def cmd_download_model(args) -> None:
     import urllib.request
 
@@ -281,6 +371,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=4.0)
     _add_detector_args(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("prepare", help="turn talking videos into an A2L/L2V training set")
+    p.add_argument("sources", nargs="+", help="video files or folders of videos")
+    p.add_argument("-o", "--output", required=True, help="dataset folder (created; an existing one is resumed)")
+    p.add_argument(
+        "--features", default="logmel", help="audio features: logmel, or a local wav2vec2/HuBERT/Whisper folder"
+    )
+    p.add_argument("--crop-size", type=int, default=256, help="face crops for the L2V stage (0: none)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of clips in the validation split")
+    p.add_argument("--min-seconds", type=float, default=2.0, help="skip clips shorter than this")
+    _add_detector_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("a2l", help="speech -> talking landmarks with a trained A2L checkpoint")
+    p.add_argument("--audio", required=True, help="speech (wav, mp3, flac, m4a or a video with sound)")
+    p.add_argument("--reference", required=True, help="the speaker: a portrait image or a landmark file (.npz)")
+    p.add_argument("--checkpoint", required=True, help="A2L checkpoint folder (a training run's final/)")
+    p.add_argument("-o", "--output", required=True, help="landmark file (.npz): canonical landmarks with their pose")
+    p.add_argument("--pose-from", help="take head pose from this video instead of generating it")
+    p.add_argument("--preview", help="preview video (.mp4) with the speech")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20, help="diffusion sampling steps")
+    p.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance on the audio")
+    _add_detector_args(p)
+    p.set_defaults(func=cmd_a2l)
 
     p = sub.add_parser("download-model", help="download the MediaPipe face landmarker model (needs internet)")
     p.add_argument("name", choices=("mediapipe",))

@@ -15,6 +15,7 @@ from .topology import get_topology
 
 FORMAT_VERSION = 1
 SPACES = ("image", "canonical")
+FIT_MODES = ("loop", "pingpong", "hold")
 
 
 def _as_bool(values, length: int, default: bool, name: str) -> np.ndarray:
@@ -204,6 +205,23 @@ class LandmarkSequence:
             blendshapes=None if self.blendshapes is None else lerp(self.blendshapes).astype(np.float32),
             pose=pose,
         )
+
+    def fit_length(self, n_frames: int, mode: str = "pingpong") -> "LandmarkSequence":
+        """Exactly `n_frames` frames: trimmed, or extended by "loop", "pingpong" (back and forth) or "hold" (last frame)."""
+        if n_frames <= 0:
+            raise LmdiffInputError(f"fit_length needs a positive frame count, got {n_frames}")
+        if mode not in FIT_MODES:
+            raise LmdiffInputError(f"fit_length mode {mode!r} is not one of {FIT_MODES}")
+        t = np.arange(n_frames)
+        n = len(self)
+        if mode == "loop":
+            index = t % n
+        elif mode == "pingpong" and n > 1:
+            phase = t % (2 * n - 2)
+            index = np.where(phase < n, phase, 2 * n - 2 - phase)
+        else:
+            index = np.minimum(t, n - 1)
+        return self[index]
 
     # -- topology -----------------------------------------------------------------------------------------------------
     def to_topology(self, name: str) -> "LandmarkSequence":

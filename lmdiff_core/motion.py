@@ -7,7 +7,7 @@ random head motion whose amplitude and speed follow measured statistics, and bli
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
@@ -34,6 +34,17 @@ class MotionStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_summary(cls, summary: dict) -> "MotionStats":
+        """From `dataset.dataset_motion_stats(...)["summary"]`; missing figures keep their defaults.
+
+        The dataset measures how long the eyes are more than half closed; a whole blink lasts about 1.5 times that.
+        """
+        values = {f.name: summary[f.name] for f in fields(cls) if summary.get(f.name) is not None}
+        if "blink_seconds" in values:
+            values["blink_seconds"] *= 1.5
+        return cls(**values)
 
 
 def _smooth_noise(rng: np.random.Generator, n: int, sigma_frames: float) -> np.ndarray:

@@ -1,0 +1,276 @@
+"""`AudioToLandmarksPipeline`: speech + the speaker's reference landmarks -> canonical landmarks at 25 fps.
+
+A checkpoint folder (what the trainer writes to RUN_DIR/final) holds the model (`save_pretrained`: config.json with
+`_class_name` + safetensors), `lmdiff_a2l.json` (landmark topology, frame rate, audio-feature config, head-motion
+statistics of the training set) and, for the diffusion model, `scheduler/`.
+
+Any audio length runs in bounded memory: overlapping windows whose overlaps are cross-faded; each diffusion window is
+also conditioned on the frames already generated before it. The output has exactly ceil(duration * fps) frames.
+Silent stretches are pulled to the reference's mouth (still and closed when the reference's mouth is closed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..audio_features import AudioFeatureExtractor, audio_to_mono16k, load_feature_extractor
+from ..canonical import CANONICAL_SIZE, canonicalize, from_model_units, to_model_units
+from ..errors import LmdiffInputError
+from ..landmarks import LandmarkSequence
+from ..media import frame_count
+from ..models import A2LLSTM, A2LDiffusion
+from ..motion import MotionStats
+
+CHECKPOINT_INFO = "lmdiff_a2l.json"
+SILENCE_BELOW_LOUD_DB = 40.0  # frames this far below the clip's loud frames are silent
+SILENCE_FLOOR_DB = -60.0  # and so is anything quieter than this (dB full scale)
+SILENCE_MIN_SECONDS = 0.2
+
+
+def make_scheduler(model: A2LDiffusion, kind: str = "ddim"):
+    """The diffusers scheduler that matches a diffusion model's training noise schedule."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    kinds = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm++": DPMSolverMultistepScheduler}
+    if kind not in kinds:
+        raise LmdiffInputError(f"unknown scheduler {kind!r}, expected one of {sorted(kinds)}")
+    options = dict(
+        num_train_timesteps=model.config.num_train_timesteps,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type=model.config.prediction_type,
+    )
+    if kind != "dpm++":
+        options["clip_sample"] = False
+    return kinds[kind](**options)
+
+
+def silence_gate(audio: np.ndarray, n_frames: int, fps: float = 25.0, sample_rate: int = 16000) -> np.ndarray:
+    """[T] in 0..1: 1 where the audio is silent for at least SILENCE_MIN_SECONDS, with short ramps at the edges."""
+    from scipy.ndimage import binary_opening, uniform_filter1d
+
+    per_frame = sample_rate / fps
+    edges = np.round(np.arange(n_frames + 1) * per_frame).astype(int)
+    padded = np.pad(audio.astype(np.float64), (0, max(0, edges[-1] - len(audio))))
+    energy = np.array([np.mean(padded[a:b] ** 2) if b > a else 0.0 for a, b in zip(edges[:-1], edges[1:])])
+    db = 10 * np.log10(energy + 1e-12)
+    loud = np.percentile(db, 95) if n_frames else 0.0
+    silent = (db < loud - SILENCE_BELOW_LOUD_DB) | (db < SILENCE_FLOOR_DB)
+    run = max(int(round(SILENCE_MIN_SECONDS * fps)), 1)
+    silent = binary_opening(silent, structure=np.ones(run)) if n_frames >= run else np.zeros(n_frames, bool)
+    return np.clip(uniform_filter1d(silent.astype(np.float64), 3), 0.0, 1.0) * silent
+
+
+def _crossfade_weights(overlap: int) -> np.ndarray:
+    return (np.arange(1, overlap + 1) / (overlap + 1)).astype(np.float32)
+
+
+class AudioToLandmarksPipeline:
+    """Runs an A2L model (A2LLSTM or A2LDiffusion) over any length of speech."""
+
+    def __init__(
+        self,
+        model: A2LLSTM | A2LDiffusion,
+        features: AudioFeatureExtractor | None = None,
+        topology: str = "ibug68",
+        fps: float = 25.0,
+        motion_stats: MotionStats | None = None,
+        scheduler=None,
+    ):
+        self.model = model.eval()
+        self.features = features or load_feature_extractor("logmel")
+        self.topology = topology
+        self.fps = float(fps)
+        self.motion_stats = motion_stats or MotionStats()
+        self.is_diffusion = isinstance(model, A2LDiffusion)
+        self.scheduler = scheduler if scheduler is not None or not self.is_diffusion else make_scheduler(model)
+        cfg = model.config
+        if (cfg.audio_dim, cfg.audio_sub_frames, cfg.audio_layers) != (
+            self.features.dim,
+            self.features.sub_frames,
+            self.features.layers,
+        ):
+            raise LmdiffInputError(
+                f"the audio features ({self.features.name}: k={self.features.sub_frames}, L={self.features.layers}, "
+                f"D={self.features.dim}) do not match the model (k={cfg.audio_sub_frames}, L={cfg.audio_layers}, "
+                f"D={cfg.audio_dim})"
+            )
+
+    # -- checkpoints ------------------------------------------------------------------------------------------------
+    def save_pretrained(self, folder) -> Path:
+        folder = Path(folder)
+        self.model.save_pretrained(folder)
+        info = {
+            "model_class": type(self.model).__name__,
+            "topology": self.topology,
+            "fps": self.fps,
+            "audio_features": self.features.config(),
+            "motion_stats": self.motion_stats.to_dict(),
+        }
+        (folder / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        if self.scheduler is not None:
+            self.scheduler.save_pretrained(folder / "scheduler")
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder, device: str | torch.device = "cpu", dtype=torch.float32):
+        folder = Path(folder)
+        info_path = folder / CHECKPOINT_INFO
+        if not folder.is_dir() or not info_path.is_file():
+            raise LmdiffInputError(
+                f"{folder} is not an lmdiff A2L checkpoint (expected a folder with {CHECKPOINT_INFO})"
+            )
+        info = json.loads(info_path.read_text())
+        classes = {"A2LLSTM": A2LLSTM, "A2LDiffusion": A2LDiffusion}
+        if info.get("model_class") not in classes:
+            raise LmdiffInputError(f"{folder}: unknown A2L model class {info.get('model_class')!r}")
+        try:
+            model = classes[info["model_class"]].from_pretrained(folder).to(device=device, dtype=dtype)
+        except (ValueError, OSError) as exc:
+            raise LmdiffInputError(f"{folder}: cannot load the A2L model: {exc}") from None
+        scheduler = None
+        if (folder / "scheduler").is_dir():
+            from diffusers import DDIMScheduler
+
+            scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+        return cls(
+            model,
+            load_feature_extractor(info["audio_features"]),
+            info["topology"],
+            info["fps"],
+            MotionStats(**info.get("motion_stats", {})),
+            scheduler,
+        )
+
+    # -- inference --------------------------------------------------------------------------------------------------
+    def reference_points(self, reference: LandmarkSequence) -> np.ndarray:
+        """[N, 3] model-unit reference landmarks from one frame of image-space or canonical landmarks."""
+        if not isinstance(reference, LandmarkSequence) or len(reference) == 0:
+            raise LmdiffInputError("the reference must be a LandmarkSequence with at least one frame")
+        canonical = reference if reference.space == "canonical" else canonicalize(reference)
+        canonical = canonical.to_topology(self.topology)
+        return to_model_units(canonical.points[0])
+
+    def __call__(
+        self,
+        audio,
+        reference: LandmarkSequence,
+        n_frames: int | None = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 1.5,
+        seed: int | None = 0,
+        window: int | None = None,
+        overlap: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> LandmarkSequence:
+        """Canonical landmarks for `audio` (array at 16 kHz, ComfyUI AUDIO dict or path), one per 1/fps.
+
+        The result keeps the reference's pose (its first frame's, if it has one) on every frame, so `uncanonicalize`
+        puts the talking face where the reference face is.
+        """
+        audio = audio_to_mono16k(audio)
+        n = frame_count(len(audio) / self.features.sample_rate, self.fps) if n_frames is None else int(n_frames)
+        if n <= 0:
+            raise LmdiffInputError("the audio is too short: it gives no video frame")
+        return self.predict_features(
+            self.features(audio, n),
+            reference,
+            silence=silence_gate(audio, n, self.fps, self.features.sample_rate),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            window=window,
+            overlap=overlap,
+            progress=progress,
+        )
+
+    @torch.no_grad()
+    def predict_features(
+        self,
+        features: np.ndarray,
+        reference: LandmarkSequence,
+        silence: np.ndarray | None = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 1.5,
+        seed: int | None = 0,
+        window: int | None = None,
+        overlap: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> LandmarkSequence:
+        """Landmarks from precomputed audio features [T, k, L, D]; `silence` [T] pulls frames to the reference."""
+        n = len(features)
+        ref = self.reference_points(reference)
+        param = next(self.model.parameters())
+        ref_t = torch.from_numpy(ref).to(param)[None]
+        if self.is_diffusion:
+            window = window or self.model.config.window
+            overlap = self.model.config.prev_frames // 2 if overlap is None else overlap
+        else:
+            window, overlap = window or 250, 25 if overlap is None else overlap
+        if not 0 <= overlap < window:
+            raise LmdiffInputError(f"window overlap {overlap} must be at least 0 and below the window ({window})")
+        out = np.zeros((n, len(ref), 3), dtype=np.float32)
+        generator = torch.Generator(device="cpu").manual_seed(0 if seed is None else seed)
+        start, done = 0, 0
+        while done < n:
+            stop = min(start + window, n)
+            audio_t = torch.from_numpy(np.ascontiguousarray(features[start:stop])).to(param)[None]
+            if self.is_diffusion:
+                prev_start = max(0, start - self.model.config.prev_frames)
+                prev = None if start == 0 else torch.from_numpy(out[prev_start:start])
+                block = self._denoise(audio_t, ref_t, prev, num_inference_steps, guidance_scale, generator, param)
+            else:
+                block = self.model(audio_t, ref_t)[0].float().cpu().numpy()
+            fade = min(done - start, len(block))
+            if fade > 0:
+                w = _crossfade_weights(fade)[:, None, None]
+                out[start : start + fade] = out[start : start + fade] * (1 - w) + block[:fade] * w
+            out[start + fade : stop] = block[fade:]
+            done = stop
+            start = stop - overlap if stop < n else stop
+            if progress is not None:
+                progress(done, n)
+        if silence is not None:
+            out = out * (1 - silence[:, None, None]) + ref[None] * silence[:, None, None]
+        pose = image_size = None
+        if reference.space == "canonical" and reference.pose is not None:
+            pose, image_size = np.repeat(reference.pose[:1], n, axis=0), reference.image_size
+        return LandmarkSequence(
+            points=from_model_units(out),
+            topology=self.topology,
+            fps=self.fps,
+            frame_size=CANONICAL_SIZE,
+            space="canonical",
+            pose=pose,
+            image_size=image_size,
+        )
+
+    def _denoise(self, audio, reference, prev, steps, guidance_scale, generator, param) -> np.ndarray:
+        model, scheduler = self.model, self.scheduler
+        shape = (1, audio.shape[1], reference.shape[1], 3)
+        sample = torch.randn(shape, generator=generator).to(param)
+        prev = None if prev is None else prev.to(param)[None]
+        guided = guidance_scale != 1.0
+        scheduler.set_timesteps(steps)
+        sample = sample * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            model_in = scheduler.scale_model_input(sample, t)
+            if guided:
+                output = model(
+                    model_in.repeat(2, 1, 1, 1),
+                    t,
+                    audio.repeat(2, 1, 1, 1, 1),
+                    reference.repeat(2, 1, 1),
+                    None if prev is None else prev.repeat(2, 1, 1, 1),
+                    audio_mask=torch.tensor([True, False]),
+                )
+                cond, uncond = output.chunk(2)
+                output = uncond + guidance_scale * (cond - uncond)
+            else:
+                output = model(model_in, t, audio, reference, prev)
+            sample = scheduler.step(output, t, sample, generator=generator).prev_sample
+        return model.sample_to_landmarks(sample, reference)[0].float().cpu().numpy()
