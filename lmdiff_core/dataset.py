@@ -1182,7 +1182,8 @@ class A2LWindowDataset(_TorchDataset):
     - ``prev`` [P, N, 3] and ``prev_mask`` [P] bool: the P frames before the window; before the clip's start the first
       frame is repeated with mask False;
     - ``reference`` [N, 3]: the clip's first detected frame ("first"), or a random detected frame of the clip outside
-      the window when it has one ("random"; seeded by (seed, index), so a given index always gets the same frame);
+      the window when it has one ("random"; seeded by (seed, epoch, index): the same frame for an index within an
+      epoch, another one each epoch, see `set_epoch`);
     - ``detected`` [W] bool: frames with a detected (not gap-filled) face, for masking the loss;
     - ``clip_id`` str and ``start`` int.
     """
@@ -1216,6 +1217,7 @@ class A2LWindowDataset(_TorchDataset):
             raise LmdiffInputError(f"stride must be at least 1, got {stride!r}")
         self.reference = reference
         self.seed = int(seed)
+        self.epoch = 0
         stored = self.index.get("topology")
         self.topology = stored if topology is None else get_topology(topology).name
         self.fps = float(self.index["fps"])
@@ -1274,8 +1276,12 @@ class A2LWindowDataset(_TorchDataset):
             return int(detected[0])
         outside = detected[(detected < start) | (detected >= start + self.window)]
         pool = outside if len(outside) else detected
-        rng = np.random.default_rng([self.seed, index])
+        rng = np.random.default_rng([self.seed, self.epoch, index])
         return int(pool[rng.integers(len(pool))])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw other random references from now on (the trainer calls this every epoch; reproducible per epoch)."""
+        self.epoch = int(epoch)
 
     def __getitem__(self, index: int) -> dict:
         import torch

@@ -36,3 +36,13 @@ def clips_dir() -> Path:
 @pytest.fixture(scope="session")
 def images_dir() -> Path:
     return shared_path("data/images")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow (minutes of training on all dev clips) run only with LMDIFF_SLOW=1."""
+    if os.environ.get("LMDIFF_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: minutes of CPU training; run with LMDIFF_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

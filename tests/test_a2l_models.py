@@ -141,15 +141,24 @@ def test_lstm_sees_audio_only_up_to_its_context():
     assert (before[:, first_affected:] - after[:, first_affected:]).abs().amax(dim=(0, 2, 3)).min() > 0
 
 
-def test_audio_gain_does_not_matter():
-    """A gain multiplies the mel power, i.e. adds a constant to log-mel, which the input LayerNorm removes."""
+def test_feature_statistics_standardise_the_audio_and_are_saved(tmp_path):
+    """With statistics set, the model sees (audio - mean) / std: the same as identity statistics on standardised audio."""
     audio, reference, sample, _ = inputs()
-    lstm, diffusion = perturb(tiny_lstm()), perturb(tiny_diffusion())
-    with torch.no_grad():
-        assert torch.allclose(lstm(audio + 2.0, reference), lstm(audio, reference), atol=1e-5)
-        assert torch.allclose(
-            diffusion(sample, 5, audio + 2.0, reference), diffusion(sample, 5, audio, reference), atol=1e-5
-        )
+    mean, std = audio.mean(dim=(0, 1, 2)), audio.std(dim=(0, 1, 2)) + 0.5
+    for make, call in (
+        (tiny_lstm, lambda m, a: m(a, reference)),
+        (tiny_diffusion, lambda m, a: m(sample, 5, a, reference)),
+    ):
+        model = perturb(make())
+        plain = type(model).from_config(model.config)
+        plain.load_state_dict(model.state_dict())
+        model.audio_norm.set_statistics(mean, std)
+        with torch.no_grad():
+            assert torch.allclose(call(model, audio), call(plain, (audio - mean) / std), atol=1e-5)
+        model.save_pretrained(tmp_path / make.__name__)
+        loaded = type(model).from_pretrained(tmp_path / make.__name__)
+        assert torch.equal(loaded.audio_norm.mean, model.audio_norm.mean)
+        assert torch.equal(loaded.audio_norm.std, model.audio_norm.std)
 
 
 def _grad_of_group_wrt_group(model, out_points, in_points):

@@ -71,7 +71,21 @@ def build_model(config: dict, dataset: A2LWindowDataset):
         args.update(window=config["data"]["window"], prev_frames=config["data"]["prev_frames"])
         args.setdefault("lip_indices", tuple(lip_indices(config["data"]["topology"])))
         args.setdefault("displacement_scale", displacement_scale(dataset))
-    return cls(**args)
+    model = cls(**args)
+    model.audio_norm.set_statistics(*feature_statistics(dataset))
+    return model
+
+
+def _spread(dataset: A2LWindowDataset, samples: int) -> np.ndarray:
+    return np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).astype(int)
+
+
+def feature_statistics(dataset: A2LWindowDataset, samples: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std [L, D] of the audio features over training windows."""
+    audio = np.concatenate(
+        [dataset[i]["audio"].reshape(-1, *dataset[i]["audio"].shape[-2:]) for i in _spread(dataset, samples)]
+    )
+    return torch.from_numpy(audio.mean(0)), torch.from_numpy(audio.std(0))
 
 
 def lip_indices(topology: str) -> np.ndarray:
@@ -83,8 +97,9 @@ def lip_indices(topology: str) -> np.ndarray:
 
 def displacement_scale(dataset: A2LWindowDataset, samples: int = 64) -> float:
     """1 / std of landmark displacements from the reference over some training windows (the diffusion target)."""
-    picks = np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).astype(int)
-    disp = np.concatenate([(dataset[i]["landmarks"] - dataset[i]["reference"][None]).ravel() for i in picks])
+    disp = np.concatenate(
+        [(dataset[i]["landmarks"] - dataset[i]["reference"][None]).ravel() for i in _spread(dataset, samples)]
+    )
     return float(1.0 / max(disp.std(), 1e-3))
 
 
@@ -276,6 +291,7 @@ def train(args) -> int:
         while step.value < max_steps:
             epoch = step.value // steps_per_epoch
             loader.set_epoch(epoch)
+            dataset.set_epoch(epoch)
             skip = step.value - epoch * steps_per_epoch
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
             for batch in batches:
@@ -332,7 +348,9 @@ def ema_pipeline(accelerator, model, ema, features, data_cfg, motion) -> AudioTo
     copy = type(unwrapped).from_config(unwrapped.config)
     copy.load_state_dict(unwrapped.state_dict())
     ema.copy_to(copy.parameters())
-    return AudioToLandmarksPipeline(copy.float(), features, data_cfg["topology"], motion_stats=motion)
+    return AudioToLandmarksPipeline(
+        copy.float(), features, data_cfg["topology"], motion_stats=motion, window=data_cfg["window"]
+    )
 
 
 if __name__ == "__main__":

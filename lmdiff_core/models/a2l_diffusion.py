@@ -41,15 +41,26 @@ PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
 
 
 class AudioFeatureNorm(nn.Module):
-    """[..., L, D] -> [..., D]: LayerNorm over D, then a learned softmax-weighted sum over the L encoder layers."""
+    """[..., L, D] -> [..., D]: fixed per-feature standardisation, then a learned softmax-weighted sum over layers.
+
+    The mean and std are buffers set from the training data (`set_statistics`; 0 and 1 until then), so the
+    normalisation is the same in training and inference, for any window, and keeps the loudness contour (silence vs
+    speech) that drives how far the mouth opens.
+    """
 
     def __init__(self, audio_layers: int, audio_dim: int):
         super().__init__()
-        self.norm = nn.LayerNorm(audio_dim)
+        self.register_buffer("mean", torch.zeros(audio_layers, audio_dim))
+        self.register_buffer("std", torch.ones(audio_layers, audio_dim))
         self.layer_logits = nn.Parameter(torch.zeros(audio_layers))
 
+    @torch.no_grad()
+    def set_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(torch.as_tensor(mean).reshape(self.mean.shape))
+        self.std.copy_(torch.as_tensor(std).reshape(self.std.shape).clamp_min(1e-3))
+
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("...ld,l->...d", self.norm(audio), self.layer_logits.softmax(0))
+        return torch.einsum("...ld,l->...d", (audio - self.mean) / self.std, self.layer_logits.softmax(0))
 
 
 class FiLMLayerNorm(nn.Module):

@@ -5,9 +5,8 @@ Tensors (model units, `lmdiff_core.canonical.to_model_units`):
     reference  [B, N, 3]        the speaker's landmarks (absolute), e.g. from the portrait
     output     [B, T, N, 3]     absolute landmarks = reference + predicted displacement
 
-Audio features are layer-normalised over D before anything else (per sub-frame and layer), so raw natural-log mel
-works as is and a recording gain, a constant offset of log-mel, has no effect; with L > 1 encoder layers a learned
-softmax weighting mixes them. The LSTM runs forward in time only: frame t sees the audio of frames <= t +
+Audio features are standardised per feature with statistics of the training data (`AudioFeatureNorm`, set by the
+trainer), so raw natural-log mel works as is; with L > 1 encoder layers a learned softmax weighting mixes them. The LSTM runs forward in time only: frame t sees the audio of frames <= t +
 `audio_context` (the look-ahead coarticulation needs) and nothing later. A bidirectional LSTM would make every frame
 depend on where a window ends, hence seams between sliding windows; this one costs O(T), so a pipeline can run a
 whole clip in one pass, and a frame's result never changes when later audio arrives.
@@ -24,15 +23,26 @@ from torch import nn
 
 
 class AudioFeatureNorm(nn.Module):
-    """[..., L, D] -> [..., D]: LayerNorm over D, then a learned softmax-weighted sum over the L encoder layers."""
+    """[..., L, D] -> [..., D]: fixed per-feature standardisation, then a learned softmax-weighted sum over layers.
+
+    The mean and std are buffers set from the training data (`set_statistics`; 0 and 1 until then), so the
+    normalisation is the same in training and inference, for any window, and keeps the loudness contour (silence vs
+    speech) that drives how far the mouth opens.
+    """
 
     def __init__(self, audio_layers: int, audio_dim: int):
         super().__init__()
-        self.norm = nn.LayerNorm(audio_dim)
+        self.register_buffer("mean", torch.zeros(audio_layers, audio_dim))
+        self.register_buffer("std", torch.ones(audio_layers, audio_dim))
         self.layer_logits = nn.Parameter(torch.zeros(audio_layers))
 
+    @torch.no_grad()
+    def set_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(torch.as_tensor(mean).reshape(self.mean.shape))
+        self.std.copy_(torch.as_tensor(std).reshape(self.std.shape).clamp_min(1e-3))
+
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("...ld,l->...d", self.norm(audio), self.layer_logits.softmax(0))
+        return torch.einsum("...ld,l->...d", (audio - self.mean) / self.std, self.layer_logits.softmax(0))
 
 
 class A2LLSTM(ModelMixin, ConfigMixin):

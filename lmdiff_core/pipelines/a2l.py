@@ -80,8 +80,11 @@ class AudioToLandmarksPipeline:
         fps: float = 25.0,
         motion_stats: MotionStats | None = None,
         scheduler=None,
+        window: int | None = None,
     ):
         self.model = model.eval()
+        # Frames per inference window: the training window (an LSTM has only learnt to run that long from rest).
+        self.window = int(window or getattr(model.config, "window", 50))
         self.features = features or load_feature_extractor("logmel")
         self.topology = topology
         self.fps = float(fps)
@@ -110,6 +113,7 @@ class AudioToLandmarksPipeline:
             "fps": self.fps,
             "audio_features": self.features.config(),
             "motion_stats": self.motion_stats.to_dict(),
+            "window": self.window,
         }
         (folder / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         if self.scheduler is not None:
@@ -129,7 +133,7 @@ class AudioToLandmarksPipeline:
         if info.get("model_class") not in classes:
             raise LmdiffInputError(f"{folder}: unknown A2L model class {info.get('model_class')!r}")
         try:
-            model = classes[info["model_class"]].from_pretrained(folder).to(device=device, dtype=dtype)
+            model = classes[info["model_class"]].from_pretrained(folder, torch_dtype=dtype).to(device)
         except (ValueError, OSError) as exc:
             raise LmdiffInputError(f"{folder}: cannot load the A2L model: {exc}") from None
         scheduler = None
@@ -144,6 +148,7 @@ class AudioToLandmarksPipeline:
             info["fps"],
             MotionStats(**info.get("motion_stats", {})),
             scheduler,
+            info.get("window"),
         )
 
     # -- inference --------------------------------------------------------------------------------------------------
@@ -206,11 +211,9 @@ class AudioToLandmarksPipeline:
         ref = self.reference_points(reference)
         param = next(self.model.parameters())
         ref_t = torch.from_numpy(ref).to(param)[None]
-        if self.is_diffusion:
-            window = window or self.model.config.window
-            overlap = self.model.config.prev_frames // 2 if overlap is None else overlap
-        else:
-            window, overlap = window or 250, 25 if overlap is None else overlap
+        window = window or self.window
+        if overlap is None:
+            overlap = self.model.config.prev_frames // 2 if self.is_diffusion else window // 2
         if not 0 <= overlap < window:
             raise LmdiffInputError(f"window overlap {overlap} must be at least 0 and below the window ({window})")
         out = np.zeros((n, len(ref), 3), dtype=np.float32)

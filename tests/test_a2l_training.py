@@ -1,0 +1,297 @@
+"""A2L end to end on real clips: dataset, Accelerate training (1 and 2 processes, resume), pipeline and CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import yaml
+
+from lmdiff_core import LandmarkSequence, LmdiffInputError
+from lmdiff_core.canonical import CANONICAL_SIZE, mean_face, to_model_units
+from lmdiff_core.dataset import clip_arrays, load_index, prepare_dataset
+from lmdiff_core.detectors import load_landmarker
+from lmdiff_core.media import frame_count, iter_frames, read_audio, write_video
+from lmdiff_core.pipelines.a2l import AudioToLandmarksPipeline
+from lmdiff_core.topology import convert_points, get_topology
+
+from .conftest import shared_path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "training" / "configs"
+LIPS = np.union1d(get_topology("ibug68").part_indices("outer_lips"), get_topology("ibug68").part_indices("inner_lips"))
+CLIPS = {"edtalk_woman_en": 8.0, "macron_fr": 8.0, "edtalk_man_en": 8.0, "cnn_anchor_en": 6.0}
+HELD_OUT = "edtalk_man_en"
+
+
+def _cut(name: str, seconds: float, folder: Path) -> Path:
+    """The first seconds of a real clip, with its own speech, as a new mp4."""
+    source = shared_path(f"data/clips/{name}.mp4")
+    frames = list(iter_frames(source, 25.0, max_frames=int(seconds * 25)))
+    audio = read_audio(shared_path(f"data/clips/{name}.wav"))
+    return write_video(folder / f"{name}.mp4", frames, 25.0, audio=audio)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, mediapipe_model):
+    folder = tmp_path_factory.mktemp("a2l")
+    videos = folder / "videos"
+    videos.mkdir()
+    for name, seconds in CLIPS.items():
+        _cut(name, seconds, videos)
+    out = folder / "dataset"
+    report = prepare_dataset(
+        [videos], out, lambda: load_landmarker("mediapipe", mediapipe_model), crop_size=0, val_clips=[HELD_OUT]
+    )
+    assert not report.failed
+    return out
+
+
+def _config(tmp_path: Path, base: str, **train) -> Path:
+    config = yaml.safe_load((CONFIGS / base).read_text())
+    config["train"].update(train)
+    path = tmp_path / base
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _train(config: Path, data: Path, out: Path, *extra, processes: int = 1) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--cpu"]
+    if processes == 1:
+        command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += [
+        str(REPO / "training" / "train_a2l.py"),
+        "--config",
+        str(config),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+    ]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run(command + list(extra), capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def _truth(dataset: Path, clip_id: str) -> np.ndarray:
+    index = load_index(dataset)
+    return convert_points(clip_arrays(dataset, clip_id)["points"], index["topology"], "ibug68")
+
+
+def _mouth_error(pipeline, dataset: Path, clip_id: str, features=None) -> float:
+    truth = _truth(dataset, clip_id)
+    arrays = clip_arrays(dataset, clip_id)
+    reference = LandmarkSequence(truth[:1], "ibug68", frame_size=CANONICAL_SIZE, space="canonical")
+    pred = pipeline.predict_features(arrays["features"] if features is None else features, reference)
+    return float(np.linalg.norm(to_model_units(pred.points)[:, LIPS] - to_model_units(truth)[:, LIPS], axis=-1).mean())
+
+
+def _mean_face() -> LandmarkSequence:
+    return LandmarkSequence(mean_face("ibug68")[None], "ibug68", frame_size=CANONICAL_SIZE, space="canonical")
+
+
+def _clip_id(dataset: Path, stem: str) -> str:
+    return next(c["id"] for c in load_index(dataset)["clips"] if c["id"].endswith(stem))
+
+
+@pytest.fixture(scope="module")
+def lstm_run(dataset, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lstm")
+    run = tmp / "run"
+    _train(_config(tmp, "a2l_lstm_tiny_cpu.yaml", max_steps=300, val_every=150, checkpoint_every=150), dataset, run)
+    return run
+
+
+def test_lstm_learns_the_training_mouths(lstm_run, dataset):
+    """After a short run the model beats 'the mouth never moves' (the reference) on its training clips."""
+    pipeline = AudioToLandmarksPipeline.from_pretrained(lstm_run / "final")
+    for stem in ("edtalk_woman_en", "macron_fr"):
+        clip = _clip_id(dataset, stem)
+        truth = to_model_units(_truth(dataset, clip))
+        still = float(np.linalg.norm(truth[:, LIPS] - truth[:1, LIPS], axis=-1).mean())
+        assert _mouth_error(pipeline, dataset, clip) < 0.8 * still, stem
+    records = [json.loads(line) for line in (lstm_run / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_mouth_open_corr" in r for r in records)
+
+
+def test_checkpoint_round_trip_and_exact_frame_counts(lstm_run, tmp_path):
+    pipeline = AudioToLandmarksPipeline.from_pretrained(lstm_run / "final")
+    reference = _mean_face()
+    speech = read_audio(shared_path("data/speech/speech_fr_macron.wav"))
+    for seconds in (0.03, 1.0, 3.37, 11.86):
+        audio = speech[: int(round(seconds * 16000))]
+        out = pipeline(audio, reference)
+        assert len(out) == frame_count(len(audio) / 16000, 25.0) and out.space == "canonical"
+    pipeline.save_pretrained(tmp_path / "copy")
+    again = AudioToLandmarksPipeline.from_pretrained(tmp_path / "copy")
+    np.testing.assert_array_equal(again(speech[:32000], reference).points, pipeline(speech[:32000], reference).points)
+
+
+def test_silence_gives_a_still_closed_mouth(lstm_run):
+    pipeline = AudioToLandmarksPipeline.from_pretrained(lstm_run / "final")
+    speech = read_audio(shared_path("data/speech/speech_en_hdtf_radio34.wav"))[: 4 * 16000]
+    audio = np.concatenate([speech[:32000], np.zeros(32000, np.float32), speech[32000:]])
+    face = _mean_face()
+    out = pipeline(audio, face)
+    silent = out.points[55:95]  # well inside the 2 s of zeros (frames 50-100)
+    np.testing.assert_allclose(silent, np.repeat(face.points, len(silent), 0), atol=1e-3)
+
+
+def test_diffusion_training_resumes_on_the_same_loss_curve(dataset, tmp_path):
+    config = _config(
+        tmp_path, "a2l_diffusion_tiny_cpu.yaml", max_steps=40, log_every=1, val_every=1000, checkpoint_every=20
+    )
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    _train(config, dataset, whole)
+    _train(config, dataset, split, "--max-steps", "20")
+    _train(config, dataset, split, "--resume")
+    a, b = _losses(whole), _losses(split)
+    assert sorted(a) == list(range(1, 41))
+    for step in range(21, 41):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-7), step
+    assert np.mean([a[s] for s in range(31, 41)]) < np.mean([a[s] for s in range(1, 11)])  # the loss falls
+
+
+def test_two_processes_match_one_with_the_same_global_batch(dataset, tmp_path):
+    from safetensors.numpy import load_file
+
+    config = _config(tmp_path, "a2l_diffusion_tiny_cpu.yaml", max_steps=5, val_every=1000, checkpoint_every=1000)
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train(config, dataset, one, processes=1)
+    _train(config, dataset, two, processes=2)
+    wa = load_file(one / "final" / "diffusion_pytorch_model.safetensors")
+    wb = load_file(two / "final" / "diffusion_pytorch_model.safetensors")
+    assert wa.keys() == wb.keys()
+    worst = max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
+    assert worst < 1e-4, worst
+    np.testing.assert_allclose(list(_losses(one).values()), list(_losses(two).values()), rtol=1e-4)
+
+
+def test_a2l_cli_and_bad_inputs(lstm_run, tmp_path, images_dir):
+    from lmdiff_core.cli import main
+
+    portrait = images_dir / "portrait_woman_a.jpg"
+    speech = shared_path("data/speech/speech_de.wav")
+    out = tmp_path / "talk.npz"
+    code = main(
+        [
+            "a2l",
+            "--audio",
+            str(speech),
+            "--reference",
+            str(portrait),
+            "--checkpoint",
+            str(lstm_run / "final"),
+            "-o",
+            str(out),
+            "--preview",
+            str(tmp_path / "talk.mp4"),
+            "--detector",
+            "dlib",
+        ]
+    )
+    assert code == 0
+    talking = LandmarkSequence.load(out)
+    assert len(talking) == frame_count(9.34, 25.0) and talking.pose is not None
+    assert (tmp_path / "talk.mp4").is_file()
+
+    empty = tmp_path / "empty.wav"
+    soundfile.write(empty, np.zeros(0, np.float32), 16000)
+    grey = tmp_path / "grey.png"
+    from PIL import Image
+
+    Image.fromarray(np.full((256, 256, 3), 127, np.uint8)).save(grey)
+    cases = [
+        (["--audio", str(empty), "--reference", str(portrait), "--checkpoint", str(lstm_run / "final")], "empty.wav"),
+        (["--audio", str(speech), "--reference", str(grey), "--checkpoint", str(lstm_run / "final")], "no face"),
+        (["--audio", str(speech), "--reference", str(portrait), "--checkpoint", str(tmp_path)], "not an lmdiff A2L"),
+    ]
+    for args, expected in cases:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lmdiff_core.cli",
+                "a2l",
+                *args,
+                "-o",
+                str(tmp_path / "bad.npz"),
+                "--detector",
+                "dlib",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert not (tmp_path / "bad.npz").exists()
+
+
+def test_a_checkpoint_of_the_wrong_kind_is_refused(lstm_run, tmp_path):
+    import shutil
+
+    wrong = tmp_path / "wrong"
+    shutil.copytree(lstm_run / "final", wrong)
+    info = json.loads((wrong / "lmdiff_a2l.json").read_text())
+    info["model_class"] = "A2LDiffusion"
+    (wrong / "lmdiff_a2l.json").write_text(json.dumps(info))
+    with pytest.raises(LmdiffInputError, match="A2LLSTM"):
+        AudioToLandmarksPipeline.from_pretrained(wrong)
+
+
+def test_overfitting_one_clip_beats_the_mean_mouth_by_far(tmp_path, mediapipe_model):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    _cut("macron_fr", 6.0, videos)
+    data = tmp_path / "one"
+    prepare_dataset([videos], data, lambda: load_landmarker("mediapipe", mediapipe_model), crop_size=0, val_fraction=0)
+    run = tmp_path / "run"
+    _train(
+        _config(
+            tmp_path,
+            "a2l_lstm_tiny_cpu.yaml",
+            max_steps=600,
+            batch_size=4,
+            val_every=10_000,
+            checkpoint_every=10_000,
+            ema_decay=0.9,
+        ),
+        data,
+        run,
+    )
+    clip = load_index(data)["clips"][0]["id"]
+    truth = to_model_units(_truth(data, clip))
+    mean_mouth = float(np.linalg.norm(truth[:, LIPS] - truth[:, LIPS].mean(0), axis=-1).mean())
+    error = _mouth_error(AudioToLandmarksPipeline.from_pretrained(run / "final"), data, clip)
+    assert error < 0.5 * mean_mouth, (error, mean_mouth)
+
+
+@pytest.mark.slow
+def test_held_out_sync_beats_shuffled_audio(tmp_path, mediapipe_model):
+    """All dev clips, one held out: its predicted mouth opening follows the real one far better than with shuffled audio."""
+    data = tmp_path / "dev"
+    sources = [shared_path("data/clips"), shared_path("data/clips_more/av")]
+    prepare_dataset(
+        sources, data, lambda: load_landmarker("mediapipe", mediapipe_model), crop_size=0, val_clips=[HELD_OUT]
+    )
+    run = tmp_path / "run"
+    _train(_config(tmp_path, "a2l_lstm_tiny_cpu.yaml", max_steps=1000), data, run)
+    pipeline = AudioToLandmarksPipeline.from_pretrained(run / "final")
+    clip = _clip_id(data, HELD_OUT)
+    arrays = clip_arrays(data, clip)
+    truth = LandmarkSequence(_truth(data, clip), "ibug68", frame_size=CANONICAL_SIZE, space="canonical")
+    shuffled = arrays["features"][np.random.default_rng(0).permutation(len(arrays["features"]))]
+    corr = []
+    for features in (arrays["features"], shuffled):
+        pred = pipeline.predict_features(features, truth[:1])
+        corr.append(float(np.corrcoef(truth.mouth_opening(), pred.mouth_opening())[0, 1]))
+    assert corr[0] > corr[1] + 0.2 and corr[0] > 0.3, corr
