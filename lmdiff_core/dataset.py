@@ -811,41 +811,10 @@ def smooth_clip(seq, mode: str = "canonical"):
     return smooth_landmarks(canonical).replace(pose=smooth_pose(canonical.pose, seq.fps))
 
 
-def _prepare_clip(
-    clip: SourceClip,
-    out_dir: Path,
-    files: dict[str, Path],
-    landmarker_factory,
-    extractor,
-    settings: dict,
-    *,
-    crop_size: int,
-    min_seconds: float,
-    fps: float,
-    max_gap: int,
-    face,
-    smooth: bool,
-    audio: str,
-    speaker: str,
-) -> dict:
-    """Process one clip and write its files; any failure or interruption removes what it wrote."""
+def _prepare_clip(clip: SourceClip, out_dir: Path, files: dict[str, Path], *args, **kwargs) -> dict:
+    """Process one clip and write its files (`_prepare_clip_inner`); any failure or interruption removes what it wrote."""
     try:
-        return _prepare_clip_inner(
-            clip,
-            out_dir,
-            files,
-            landmarker_factory,
-            extractor,
-            settings,
-            crop_size,
-            min_seconds,
-            fps,
-            max_gap,
-            face,
-            smooth,
-            audio,
-            speaker,
-        )
+        return _prepare_clip_inner(clip, out_dir, files, *args, **kwargs)
     except BaseException:
         for path in files.values():
             path.unlink(missing_ok=True)
