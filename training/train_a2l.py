@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from trainer_common import TrainingStep, global_random, latest_checkpoint, save_checkpoint
 
 from lmdiff_core.audio_features import load_feature_extractor
 from lmdiff_core.dataset import A2LWindowDataset, clip_arrays, dataset_motion_stats, load_index
@@ -32,7 +33,6 @@ from lmdiff_core.motion import MotionStats
 from lmdiff_core.pipelines.a2l import AudioToLandmarksPipeline
 
 MODEL_CLASSES = {"A2LLSTM": A2LLSTM, "A2LDiffusion": A2LDiffusion}
-KEEP_CHECKPOINTS = 2
 
 
 def load_config(path) -> dict:
@@ -46,19 +46,6 @@ def load_config(path) -> dict:
     if config["model"].get("class") not in MODEL_CLASSES:
         raise LmdiffInputError(f"{path}: model.class must be one of {sorted(MODEL_CLASSES)}")
     return config
-
-
-class TrainingStep:
-    """The step counter, saved with the checkpoint."""
-
-    def __init__(self):
-        self.value = 0
-
-    def state_dict(self):
-        return {"step": self.value}
-
-    def load_state_dict(self, state):
-        self.value = int(state["step"])
 
 
 def build_model(config: dict, dataset: A2LWindowDataset):
@@ -101,19 +88,6 @@ def displacement_scale(dataset: A2LWindowDataset, samples: int = 64) -> float:
         [(dataset[i]["landmarks"] - dataset[i]["reference"][None]).ravel() for i in _spread(dataset, samples)]
     )
     return float(1.0 / max(disp.std(), 1e-3))
-
-
-def global_random(step: int, seed: int, batch: int, shape: tuple, rank: int, world: int, kind: str, **kw):
-    """A random tensor for the whole global batch of a step, sliced to this process's part of the batch."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step * 7 + {"noise": 1, "t": 2, "mask": 3}[kind])
-    if kind == "noise":
-        full = torch.randn((batch, *shape), generator=generator)
-    elif kind == "t":
-        full = torch.randint(0, kw["high"], (batch,), generator=generator)
-    else:
-        full = torch.rand((batch,), generator=generator) >= kw["p"]
-    per = batch // world
-    return full[rank * per : (rank + 1) * per]
 
 
 def compute_loss(model, batch, step: int, config: dict, accelerator, noise_scheduler):
@@ -176,27 +150,6 @@ def validate(pipeline: AudioToLandmarksPipeline, data_dir: Path, index: dict, ma
         a, b = seq_t.mouth_opening(), seq_p.mouth_opening()
         corr.append(float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0)
     return {"val_mouth_lmd": float(np.mean(lmd)), "val_mouth_open_corr": float(np.mean(corr)), "val_clips": len(clips)}
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / "checkpoints").glob("step_*"))
-    return found[-1] if found else None
-
-
-def save_checkpoint(accelerator, run_dir: Path, step: int) -> None:
-    """Full training state under checkpoints/step_NNNNNN, written to a temporary folder first."""
-    folder = run_dir / "checkpoints" / f"step_{step:06d}"
-    partial = folder.with_name(folder.name + ".partial")
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if folder.exists():
-            shutil.rmtree(folder)
-        partial.rename(folder)
-        for old in sorted((run_dir / "checkpoints").glob("step_*"))[:-KEEP_CHECKPOINTS]:
-            if not old.name.endswith(".partial"):
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
 
 
 def main(argv=None) -> int:
@@ -273,7 +226,7 @@ def train(args) -> int:
     accelerator.register_for_checkpointing(ema, step)
     noise_scheduler = None
     if isinstance(accelerator.unwrap_model(model), A2LDiffusion):
-        from lmdiff_core.pipelines.a2l import make_scheduler
+        from lmdiff_core.pipelines.schedulers import make_scheduler
 
         noise_scheduler = make_scheduler(accelerator.unwrap_model(model), "ddpm")
     if resume_from is not None:

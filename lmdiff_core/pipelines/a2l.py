@@ -25,28 +25,12 @@ from ..landmarks import LandmarkSequence
 from ..media import frame_count
 from ..models import A2LLSTM, A2LDiffusion
 from ..motion import MotionStats
+from .schedulers import make_scheduler
 
 CHECKPOINT_INFO = "lmdiff_a2l.json"
 SILENCE_BELOW_LOUD_DB = 40.0  # frames this far below the clip's loud frames are silent
 SILENCE_FLOOR_DB = -60.0  # and so is anything quieter than this (dB full scale)
 SILENCE_MIN_SECONDS = 0.2
-
-
-def make_scheduler(model: A2LDiffusion, kind: str = "ddim"):
-    """The diffusers scheduler that matches a diffusion model's training noise schedule."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-
-    kinds = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm++": DPMSolverMultistepScheduler}
-    if kind not in kinds:
-        raise LmdiffInputError(f"unknown scheduler {kind!r}, expected one of {sorted(kinds)}")
-    options = dict(
-        num_train_timesteps=model.config.num_train_timesteps,
-        beta_schedule="squaredcos_cap_v2",
-        prediction_type=model.config.prediction_type,
-    )
-    if kind != "dpm++":
-        options["clip_sample"] = False
-    return kinds[kind](**options)
 
 
 def silence_gate(audio: np.ndarray, n_frames: int, fps: float = 25.0, sample_rate: int = 16000) -> np.ndarray:
