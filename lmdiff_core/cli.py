@@ -299,6 +299,49 @@ def cmd_a2l(args) -> None:
     print(f"{out}: {talking}")
 
 
+BUNDLED_CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+def cmd_generate(args) -> None:
+    from .autoencoders import load_autoencoder
+    from .media import read_audio, read_image, write_video
+    from .pipelines.a2l import AudioToLandmarksPipeline
+    from .pipelines.l2v import LandmarkToVideoPipeline
+    from .pipelines.talking_head import TalkingHeadPipeline
+
+    out = _output(args.output, (".mp4",), "video")
+    audio = read_audio(args.audio)
+    a2l = AudioToLandmarksPipeline.from_pretrained(args.a2l or BUNDLED_CHECKPOINTS / "a2l")
+    l2v = LandmarkToVideoPipeline.from_pretrained(args.l2v or BUNDLED_CHECKPOINTS / "l2v", sampler=args.sampler)
+    if args.size:
+        l2v.crop_size = args.size
+    needed = l2v.unet.config.autoencoder
+    if args.vae is None and needed != "pixel":
+        raise LmdiffInputError(f"this L2V model works on {needed} latents: pass that autoencoder with --vae PATH")
+    l2v.set_autoencoder(load_autoencoder(args.vae or "pixel"))
+    pipeline = TalkingHeadPipeline(a2l, l2v)
+    image = read_image(args.image) if args.image else None
+    with _open_landmarker(args, video=image is None) as landmarker, _progress(None, "generate") as bar:
+
+        def progress(stage, done, total):
+            bar.set_description(stage)
+            bar.total, bar.n = total, done
+            bar.refresh()
+
+        frames, n = pipeline.generate(
+            audio,
+            landmarker,
+            image=image,
+            video=args.video,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            seed=args.seed,
+            progress=progress,
+        )
+        write_video(out, frames, a2l.fps, audio=audio)
+    print(f"{out}: {n} frames at {a2l.fps:g} fps with the speech")
+
+
 def cmd_download_model(args) -> None:
     import urllib.request
 
@@ -396,6 +439,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance on the audio")
     _add_detector_args(p)
     p.set_defaults(func=cmd_a2l)
+
+    p = sub.add_parser("generate", help="speech + a portrait (one-shot) or a video (dubbing) -> talking-head video")
+    p.add_argument("--audio", required=True, help="speech (wav, mp3, flac, m4a or a video with sound)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="portrait to animate (one-shot)")
+    source.add_argument("--video", help="video to dub (its lower face is regenerated)")
+    p.add_argument("--a2l", help="A2L checkpoint folder (default: the bundled checkpoints/a2l)")
+    p.add_argument("--l2v", help="L2V checkpoint folder (default: the bundled checkpoints/l2v)")
+    p.add_argument("--vae", help="autoencoder the L2V model was trained with (a TAESD-family folder or a VAE file)")
+    p.add_argument("-o", "--output", required=True, help="video file (.mp4)")
+    p.add_argument("--steps", type=int, default=20, help="L2V sampling steps")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance on the landmarks")
+    p.add_argument("--sampler", choices=("ddim", "dpm++", "unipc"), default="ddim")
+    p.add_argument("--size", type=int, help="face crop size (default: the L2V checkpoint's)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_detector_args(p)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("download-model", help="download the MediaPipe face landmarker model (needs internet)")
     p.add_argument("name", choices=("mediapipe",))

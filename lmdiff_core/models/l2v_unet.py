@@ -8,7 +8,7 @@ Tensors (N = batch x frames; C latent channels of the autoencoder; h x w latent,
                                     one-shot: the portrait crop)
     pose_mask       [N, 1, H', W']  1 where the U-Net must generate (any resolution; averaged down to h x w)
     identity        [N, C, h, w]    latent of the identity reference (another frame of the same person)
-    output          [N, C, h, w]    epsilon or v (`prediction_type`)
+    output          [N, C, h, w]    epsilon, v or the clean latent (`prediction_type`)
 
 Design:
 - Input = concat(sample, pose_reference, pose_mask, identity) -> conv_in (3C + 1 channels). Concatenation puts the
@@ -45,7 +45,7 @@ from torch import nn
 from ..errors import LmdiffInputError
 from .common import refuse_other_class
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def _zero_conv(in_channels: int, out_channels: int) -> nn.Conv2d:

@@ -1,0 +1,142 @@
+"""LandmarkToVideoPipeline and `lmdiff generate` end to end on real clips, with tiny random-weight models."""
+
+import numpy as np
+import pytest
+import torch
+
+from lmdiff_core.autoencoders import load_autoencoder
+from lmdiff_core.canonical import uncanonicalize
+from lmdiff_core.cli import main
+from lmdiff_core.dataset import clip_sequence, prepare_dataset
+from lmdiff_core.detectors import load_landmarker
+from lmdiff_core.errors import LmdiffInputError
+from lmdiff_core.media import frame_count, iter_frames, read_audio, read_video, write_video
+from lmdiff_core.models import A2LLSTM, L2VUNet
+from lmdiff_core.pipelines.a2l import AudioToLandmarksPipeline
+from lmdiff_core.pipelines.l2v import LandmarkToVideoPipeline
+from lmdiff_core.pipelines.schedulers import make_scheduler
+
+from .conftest import shared_path
+
+CLIP = "edtalk_woman_en"
+TINY_UNET = dict(
+    block_out_channels=(16, 32),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    num_attention_heads=2,
+    cross_attention_dim=32,
+    norm_num_groups=8,
+)
+
+
+def _tiny_l2v(seed=0) -> LandmarkToVideoPipeline:
+    torch.manual_seed(seed)
+    ae = load_autoencoder("pixel")
+    unet = L2VUNet(latent_channels=ae.latent_channels, downscale=ae.downscale, autoencoder="pixel", **TINY_UNET)
+    with torch.no_grad():  # trained-looking weights: the guider and temporal layers start at zero otherwise
+        for name, p in unet.named_parameters():
+            if "zero_conv" in name or "to_out" in name or "conv_out" in name:
+                p.normal_(0, 0.05)
+    return LandmarkToVideoPipeline(unet.eval(), make_scheduler(unet, "ddim"), ae, crop_size=64, window=4, overlap=1)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory, mediapipe_model):
+    """12 real frames of a clip and their (image-space) landmarks."""
+    folder = tmp_path_factory.mktemp("l2v_ds")
+    source = tmp_path_factory.mktemp("src") / f"{CLIP}.mp4"
+    video = read_video(shared_path(f"data/clips/{CLIP}.mp4"))
+    write_video(source, video.frames[:50], 25, audio=video.audio[: 2 * 16000])
+    prepare_dataset([source], folder, lambda: load_landmarker("mediapipe", mediapipe_model), crop_size=0)
+    seq = uncanonicalize(clip_sequence(folder, CLIP))[:12]
+    return list(video.frames[:12]), seq
+
+
+def test_dub_keeps_everything_outside_the_lower_face(clip):
+    frames, seq = clip
+    pipe = _tiny_l2v()
+    identity = pipe.reference_crop(frames[6], seq[6])
+    out = pipe(frames, seq, seq, identity, num_inference_steps=2, seed=0)
+    assert out.shape == (len(seq), *frames[0].shape)
+    changed = np.abs(out.astype(int) - np.stack(frames).astype(int)).max(-1) > 0
+    assert changed.mean() > 0.01  # the lower face was regenerated
+    eye_y = int(seq.points[:, :, 1].min())  # above the highest landmark (brows): untouched
+    assert not changed[:, : max(eye_y - 2, 0)].any()
+
+
+def test_same_seed_same_frames_and_save_load_round_trip(clip, tmp_path):
+    frames, seq = clip
+    pipe = _tiny_l2v()
+    identity = pipe.reference_crop(frames[6], seq[6])
+    a = pipe(frames[:6], seq[:6], seq[:6], identity, num_inference_steps=2, seed=3)
+    b = pipe(frames[:6], seq[:6], seq[:6], identity, num_inference_steps=2, seed=3)
+    c = pipe(frames[:6], seq[:6], seq[:6], identity, num_inference_steps=2, seed=4)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a.astype(int) - c.astype(int)).max() > 0
+    pipe.save_pretrained(tmp_path / "l2v")
+    loaded = LandmarkToVideoPipeline.from_pretrained(tmp_path / "l2v", autoencoder=load_autoencoder("pixel"))
+    np.testing.assert_array_equal(a, loaded(frames[:6], seq[:6], seq[:6], identity, num_inference_steps=2, seed=3))
+
+
+def test_autoencoder_must_match_the_unet():
+    pipe = _tiny_l2v()
+    with pytest.raises(LmdiffInputError, match="48 channels"):
+        pipe.set_autoencoder(load_autoencoder(shared_path("weights/taesd")))
+
+
+def _tiny_a2l(folder):
+    torch.manual_seed(0)
+    model = A2LLSTM(hidden_size=16, num_layers=1)
+    AudioToLandmarksPipeline(model).save_pretrained(folder)
+    return folder
+
+
+def _frames_of(path) -> int:
+    return sum(1 for _ in iter_frames(path, None))
+
+
+def test_generate_cli_dub_and_one_shot(tmp_path, mediapipe_model):
+    a2l = _tiny_a2l(tmp_path / "a2l")
+    _tiny_l2v().save_pretrained(tmp_path / "l2v")
+    speech = tmp_path / "speech.wav"
+    audio = read_audio(shared_path("data/speech/speech_de.wav"))[: int(1.5 * 16000)]
+    import soundfile
+
+    soundfile.write(speech, audio, 16000)
+    video = tmp_path / "short.mp4"  # 1 s of video for 1.5 s of speech: looped
+    write_video(video, read_video(shared_path(f"data/clips/{CLIP}.mp4")).frames[:25], 25)
+    common = ["--a2l", str(a2l), "--l2v", str(tmp_path / "l2v"), "--steps", "2", "--model", str(mediapipe_model)]
+    for source, out in (
+        (["--video", str(video)], "dub.mp4"),
+        (["--image", str(shared_path("data/images/portrait_woman_a.jpg"))], "one.mp4"),
+    ):
+        assert main(["generate", "--audio", str(speech), *source, "-o", str(tmp_path / out), *common]) == 0
+        assert _frames_of(tmp_path / out) == frame_count(1.5, 25) == 38
+        assert len(read_audio(tmp_path / out)) > 16000  # the speech is muxed in
+
+
+def test_generate_cli_bad_inputs(tmp_path, mediapipe_model, capsys):
+    a2l = _tiny_a2l(tmp_path / "a2l")
+    _tiny_l2v().save_pretrained(tmp_path / "l2v")
+    import soundfile
+    from PIL import Image
+
+    silent = tmp_path / "empty.wav"
+    soundfile.write(silent, np.zeros(0, np.float32), 16000)
+    speech = tmp_path / "speech.wav"
+    soundfile.write(speech, read_audio(shared_path("data/speech/speech_de.wav"))[:16000], 16000)
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((256, 256, 3), 128, np.uint8)).save(blank)
+    common = ["--a2l", str(a2l), "--l2v", str(tmp_path / "l2v"), "--steps", "1", "--model", str(mediapipe_model)]
+    cases = [
+        (["--audio", str(speech), "--image", str(blank)], "face"),
+        (["--audio", str(silent), "--image", str(shared_path("data/images/portrait_woman_a.jpg"))], "audio"),
+        (["--audio", str(speech), "--video", str(speech)], "video"),
+        (["--audio", str(speech), "--image", str(blank), "--vae", str(shared_path("weights/taesd"))], "channels"),
+    ]
+    for args, word in cases:
+        out = tmp_path / "out.mp4"
+        assert main(["generate", *args, "-o", str(out), *common]) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and word in err.lower(), err
+        assert not out.exists()
