@@ -17,22 +17,15 @@ from lmdiff_core.pipelines.l2v import LandmarkToVideoPipeline
 from lmdiff_core.pipelines.schedulers import make_scheduler
 
 from .conftest import shared_path
+from .test_l2v_model import TINY
 
 CLIP = "edtalk_woman_en"
-TINY_UNET = dict(
-    block_out_channels=(16, 32),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    num_attention_heads=2,
-    cross_attention_dim=32,
-    norm_num_groups=8,
-)
 
 
 def _tiny_l2v(seed=0) -> LandmarkToVideoPipeline:
     torch.manual_seed(seed)
     ae = load_autoencoder("pixel")
-    unet = L2VUNet(latent_channels=ae.latent_channels, downscale=ae.downscale, autoencoder="pixel", **TINY_UNET)
+    unet = L2VUNet(latent_channels=ae.latent_channels, downscale=ae.downscale, autoencoder="pixel", **TINY)
     with torch.no_grad():  # trained-looking weights: the guider and temporal layers start at zero otherwise
         for name, p in unet.named_parameters():
             if "zero_conv" in name or "to_out" in name or "conv_out" in name:
