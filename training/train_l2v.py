@@ -68,8 +68,9 @@ def build_unet(config: dict, autoencoder) -> L2VUNet:
     args.update(
         latent_channels=autoencoder.latent_channels, downscale=autoencoder.downscale, autoencoder=autoencoder.kind
     )
-    if model_cfg.get("sd15_unet"):
-        return L2VUNet.from_sd15(model_cfg["sd15_unet"], **args)
+    if model_cfg.get("sd15_unet"):  # SD1.5's block layout; only the settings that keep its weights usable
+        keep = ("latent_channels", "downscale", "autoencoder", "temporal_attention", "prediction_type")
+        return L2VUNet.from_sd15(model_cfg["sd15_unet"], **{k: args[k] for k in keep if k in args})
     return L2VUNet(**args)
 
 
