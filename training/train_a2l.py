@@ -15,7 +15,6 @@ same result as one process with the same global batch.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from trainer_common import TrainingStep, global_random, latest_checkpoint, save_checkpoint
+from trainer_common import TrainingStep, global_random, latest_checkpoint, run_training_steps
 
 from lmdiff_core.audio_features import load_feature_extractor
 from lmdiff_core.dataset import A2LWindowDataset, clip_arrays, dataset_motion_stats, load_index
@@ -172,7 +171,6 @@ def train(args) -> int:
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
-    from tqdm.auto import tqdm
 
     config = load_config(args.config)
     train_cfg, data_cfg = config["train"], config["data"]
@@ -237,50 +235,28 @@ def train(args) -> int:
 
     features = load_feature_extractor(index["features"])
     motion = MotionStats.from_summary(dataset_motion_stats(data_dir, "train")["summary"])
-    metrics_path = run_dir / "metrics.jsonl"
-    steps_per_epoch = len(loader)
-    bar = tqdm(total=max_steps, initial=step.value, disable=not accelerator.is_main_process, desc="train")
-    try:
-        while step.value < max_steps:
-            epoch = step.value // steps_per_epoch
-            loader.set_epoch(epoch)
-            dataset.set_epoch(epoch)
-            skip = step.value - epoch * steps_per_epoch
-            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-            for batch in batches:
-                with accelerator.accumulate(model):
-                    loss = compute_loss(model, batch, step.value, config, accelerator, noise_scheduler)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and train_cfg.get("grad_clip"):
-                        accelerator.clip_grad_norm_(model.parameters(), train_cfg["grad_clip"])
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad()
-                if not accelerator.sync_gradients:
-                    continue
-                ema.step(accelerator.unwrap_model(model).parameters())
-                step.value += 1
-                bar.update(1)
-                loss_value = accelerator.reduce(loss.detach(), "mean").item()
-                record = {"step": step.value, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}
-                if step.value % train_cfg.get("val_every", 100) == 0 or step.value == max_steps:
-                    record.update(
-                        validate(ema_pipeline(accelerator, model, ema, features, data_cfg, motion), data_dir, index)
-                    )
-                if accelerator.is_main_process and (
-                    step.value % train_cfg.get("log_every", 10) == 0 or len(record) > 3 or step.value == max_steps
-                ):
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
-                if step.value % train_cfg.get("checkpoint_every", 100) == 0 or step.value == max_steps:
-                    save_checkpoint(accelerator, run_dir, step.value)
-                if step.value >= max_steps:
-                    break
-    except KeyboardInterrupt:
-        save_checkpoint(accelerator, run_dir, step.value)
-        print(f"interrupted at step {step.value}; resume with --resume", file=sys.stderr)
+    params = list(accelerator.unwrap_model(model).parameters())
+    completed = run_training_steps(
+        accelerator,
+        model,
+        optimizer,
+        lr_scheduler,
+        loader,
+        dataset,
+        ema,
+        params,
+        step,
+        max_steps,
+        train_cfg,
+        run_dir,
+        loss_fn=lambda batch: compute_loss(model, batch, step.value, config, accelerator, noise_scheduler),
+        validate_fn=lambda: validate(
+            ema_pipeline(accelerator, model, ema, features, data_cfg, motion), data_dir, index
+        ),
+        default_every=100,
+    )
+    if not completed:
         return 130
-    bar.close()
     if accelerator.is_main_process:
         pipeline = ema_pipeline(accelerator, model, ema, features, data_cfg, motion)
         partial = run_dir / "final.partial"

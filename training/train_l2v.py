@@ -17,7 +17,6 @@ fine-tuned through peft LoRA adapters (e.g. on one identity) and `final/` holds 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
-from trainer_common import TrainingStep, global_random, latest_checkpoint, save_checkpoint
+from trainer_common import TrainingStep, global_random, latest_checkpoint, run_training_steps
 
 from lmdiff_core.autoencoders import load_autoencoder
 from lmdiff_core.errors import LmdiffInputError
@@ -230,7 +229,6 @@ def train(args) -> int:
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
-    from tqdm.auto import tqdm
 
     config = load_config(args.config)
     train_cfg, data_cfg = config["train"], config["data"]
@@ -293,49 +291,25 @@ def train(args) -> int:
         window=data_cfg.get("window", 1) if data_cfg.get("window", 1) > 1 else 8,
         overlap=data_cfg.get("overlap", 2),
     )
-    metrics_path = run_dir / "metrics.jsonl"
-    steps_per_epoch = len(loader)
-    bar = tqdm(total=max_steps, initial=step.value, disable=not accelerator.is_main_process, desc="train")
-    try:
-        while step.value < max_steps:
-            epoch = step.value // steps_per_epoch
-            loader.set_epoch(epoch)
-            dataset.set_epoch(epoch)
-            skip = step.value - epoch * steps_per_epoch
-            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-            for batch in batches:
-                with accelerator.accumulate(model):
-                    loss = compute_loss(model, batch, encoder, noise_scheduler, step.value, config, accelerator)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and train_cfg.get("grad_clip"):
-                        accelerator.clip_grad_norm_(params, train_cfg["grad_clip"])
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad()
-                if not accelerator.sync_gradients:
-                    continue
-                ema.step(params)
-                step.value += 1
-                bar.update(1)
-                record = {"step": step.value, "loss": accelerator.reduce(loss.detach(), "mean").item()}
-                record["lr"] = lr_scheduler.get_last_lr()[0]
-                if step.value % train_cfg.get("val_every", 200) == 0 or step.value == max_steps:
-                    pipeline = ema_pipeline(accelerator, model, ema, autoencoder, settings)
-                    record.update(evaluate_heldout(pipeline, val_dataset))
-                if accelerator.is_main_process and (
-                    step.value % train_cfg.get("log_every", 10) == 0 or len(record) > 3 or step.value == max_steps
-                ):
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
-                if step.value % train_cfg.get("checkpoint_every", 200) == 0 or step.value == max_steps:
-                    save_checkpoint(accelerator, run_dir, step.value)
-                if step.value >= max_steps:
-                    break
-    except KeyboardInterrupt:
-        save_checkpoint(accelerator, run_dir, step.value)
-        print(f"interrupted at step {step.value}; resume with --resume", file=sys.stderr)
+    completed = run_training_steps(
+        accelerator,
+        model,
+        optimizer,
+        lr_scheduler,
+        loader,
+        dataset,
+        ema,
+        params,
+        step,
+        max_steps,
+        train_cfg,
+        run_dir,
+        loss_fn=lambda batch: compute_loss(model, batch, encoder, noise_scheduler, step.value, config, accelerator),
+        validate_fn=lambda: evaluate_heldout(ema_pipeline(accelerator, model, ema, autoencoder, settings), val_dataset),
+        default_every=200,
+    )
+    if not completed:
         return 130
-    bar.close()
     if accelerator.is_main_process:
         ema_pipeline(accelerator, model, ema, autoencoder, settings).save_pretrained(run_dir / "final")
     accelerator.wait_for_everyone()

@@ -57,3 +57,75 @@ def save_checkpoint(accelerator, run_dir: Path, step: int) -> None:
             if not old.name.endswith(".partial"):
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def run_training_steps(
+    accelerator,
+    model,
+    optimizer,
+    lr_scheduler,
+    loader,
+    dataset,
+    ema,
+    params,
+    step,
+    max_steps: int,
+    train_cfg: dict,
+    run_dir: Path,
+    loss_fn,
+    validate_fn,
+    default_every: int,
+) -> bool:
+    """The optimisation loop both trainers share, from `step` to `max_steps`: epochs reseed the loader and the
+    dataset (a resumed run skips the batches already seen), gradient accumulation and clipping of `params`, EMA,
+    `metrics.jsonl` (loss, lr, and `validate_fn()`'s numbers every `val_every` steps), checkpoints every
+    `checkpoint_every` steps. `loss_fn(batch)` gives the loss. Returns False when interrupted (after saving a
+    checkpoint), True when `max_steps` is reached."""
+    import json
+    import sys
+
+    from tqdm.auto import tqdm
+
+    metrics_path = run_dir / "metrics.jsonl"
+    steps_per_epoch = len(loader)
+    bar = tqdm(total=max_steps, initial=step.value, disable=not accelerator.is_main_process, desc="train")
+    try:
+        while step.value < max_steps:
+            epoch = step.value // steps_per_epoch
+            loader.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+            skip = step.value - epoch * steps_per_epoch
+            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    loss = loss_fn(batch)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and train_cfg.get("grad_clip"):
+                        accelerator.clip_grad_norm_(params, train_cfg["grad_clip"])
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
+                if not accelerator.sync_gradients:
+                    continue
+                ema.step(params)
+                step.value += 1
+                bar.update(1)
+                loss_value = accelerator.reduce(loss.detach(), "mean").item()
+                record = {"step": step.value, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}
+                if step.value % train_cfg.get("val_every", default_every) == 0 or step.value == max_steps:
+                    record.update(validate_fn())
+                if accelerator.is_main_process and (
+                    step.value % train_cfg.get("log_every", 10) == 0 or len(record) > 3 or step.value == max_steps
+                ):
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                if step.value % train_cfg.get("checkpoint_every", default_every) == 0 or step.value == max_steps:
+                    save_checkpoint(accelerator, run_dir, step.value)
+                if step.value >= max_steps:
+                    break
+    except KeyboardInterrupt:
+        save_checkpoint(accelerator, run_dir, step.value)
+        print(f"interrupted at step {step.value}; resume with --resume", file=sys.stderr)
+        return False
+    bar.close()
+    return True
