@@ -299,11 +299,9 @@ def cmd_a2l(args) -> None:
     print(f"{out}: {talking}")
 
 
-BUNDLED_CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
-
-
 def cmd_generate(args) -> None:
     from .autoencoders import load_autoencoder
+    from .checkpoints import BUNDLED_A2L, BUNDLED_L2V
     from .media import read_audio, read_image, write_video
     from .pipelines.a2l import AudioToLandmarksPipeline
     from .pipelines.l2v import LandmarkToVideoPipeline
@@ -311,8 +309,8 @@ def cmd_generate(args) -> None:
 
     out = _output(args.output, (".mp4",), "video")
     audio = read_audio(args.audio)
-    a2l = AudioToLandmarksPipeline.from_pretrained(args.a2l or BUNDLED_CHECKPOINTS / "a2l")
-    l2v = LandmarkToVideoPipeline.from_pretrained(args.l2v or BUNDLED_CHECKPOINTS / "l2v", sampler=args.sampler)
+    a2l = AudioToLandmarksPipeline.from_pretrained(args.a2l or BUNDLED_A2L)
+    l2v = LandmarkToVideoPipeline.from_pretrained(args.l2v or BUNDLED_L2V, sampler=args.sampler)
     if args.size:
         l2v.crop_size = args.size
     needed = l2v.unet.config.autoencoder
