@@ -181,12 +181,24 @@ def cmd_crop(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    """The bundled portrait + speech-like audio -> a talking-head video with the bundled checkpoints; with
+    --landmarks-only, the landmark pipeline on the portrait moved by a known head motion."""
+    from .demo import demo_portrait, demo_speech
+
+    out = _output(args.output, (".mp4",), "video")
+    if not args.landmarks_only:
+        audio = demo_speech(args.seconds)
+        _talking_head(args, audio, out, image=demo_portrait())
+        return
+    _landmark_demo(args, out)
+
+
+def _landmark_demo(args, out: Path) -> None:
     from .canonical import canonicalize, head_pose
     from .demo import DEMO_FPS, demo_frames, demo_motion, demo_speech
     from .detectors import extract_landmarks
     from .smoothing import smooth_landmarks
 
-    out = _output(args.output, (".mp4",), "video")
     n_frames = int(round(args.seconds * DEMO_FPS))
     started = time.perf_counter()
     with _open_landmarker(args, video=True) as landmarker, _progress(n_frames, "landmarks") as bar:
@@ -300,15 +312,23 @@ def cmd_a2l(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    from .media import read_audio, read_image
+
+    out = _output(args.output, (".mp4",), "video")
+    audio = read_audio(args.audio)
+    image = read_image(args.image) if args.image else None
+    _talking_head(args, audio, out, image=image, video=args.video)
+
+
+def _talking_head(args, audio: np.ndarray, out: Path, image=None, video=None) -> None:
+    """Speech + a portrait or a video -> `out` (mp4 with the speech), with the checkpoints the arguments name."""
     from .autoencoders import load_autoencoder
     from .checkpoints import BUNDLED_A2L, BUNDLED_L2V
-    from .media import read_audio, read_image, write_video
+    from .media import write_video
     from .pipelines.a2l import AudioToLandmarksPipeline
     from .pipelines.l2v import LandmarkToVideoPipeline
     from .pipelines.talking_head import TalkingHeadPipeline
 
-    out = _output(args.output, (".mp4",), "video")
-    audio = read_audio(args.audio)
     a2l = AudioToLandmarksPipeline.from_pretrained(args.a2l or BUNDLED_A2L)
     l2v = LandmarkToVideoPipeline.from_pretrained(args.l2v or BUNDLED_L2V, sampler=args.sampler)
     if args.size:
@@ -318,7 +338,6 @@ def cmd_generate(args) -> None:
         raise LmdiffInputError(f"this L2V model works on {needed} latents: pass that autoencoder with --vae PATH")
     l2v.set_autoencoder(load_autoencoder(args.vae or "pixel"))
     pipeline = TalkingHeadPipeline(a2l, l2v)
-    image = read_image(args.image) if args.image else None
     with _open_landmarker(args, video=image is None) as landmarker, _progress(None, "generate") as bar:
 
         def progress(stage, done, total):
@@ -330,10 +349,11 @@ def cmd_generate(args) -> None:
             audio,
             landmarker,
             image=image,
-            video=args.video,
+            video=video,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
             seed=args.seed,
+            image_mode=args.image_mode.replace("-", "_"),
             progress=progress,
         )
         write_video(out, frames, a2l.fps, audio=audio)
@@ -376,6 +396,24 @@ def _add_detector_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-smooth", action="store_true", help="keep the raw detector output (no One Euro smoothing)")
 
 
+def _add_generation_args(p, image_mode: str) -> None:
+    p.add_argument(
+        "--image-mode",
+        choices=("one-shot", "still"),
+        default=image_mode,
+        help="for a portrait: one-shot (head motion and blinks, the whole face generated) or still (only the lips "
+        f"and jaw move; the photo's other pixels are kept). Default {image_mode}",
+    )
+    p.add_argument("--a2l", help="A2L checkpoint folder (default: the bundled checkpoints/a2l)")
+    p.add_argument("--l2v", help="L2V checkpoint folder (default: the bundled checkpoints/l2v)")
+    p.add_argument("--vae", help="autoencoder the L2V model was trained with (a TAESD-family folder or a VAE file)")
+    p.add_argument("--steps", type=int, default=20, help="L2V sampling steps")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance on the landmarks")
+    p.add_argument("--sampler", choices=("ddim", "dpm++", "unipc"), default="ddim")
+    p.add_argument("--size", type=int, help="face crop size (default: the L2V checkpoint's)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmdiff", description="Audio-driven talking heads with landmark-guided diffusion."
@@ -407,9 +445,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detector_args(p)
     p.set_defaults(func=cmd_crop)
 
-    p = sub.add_parser("demo", help="run the landmark pipeline on the bundled demo portrait (no downloads)")
-    p.add_argument("-o", "--output", default="lmdiff_demo.mp4", help="preview video (default lmdiff_demo.mp4)")
+    p = sub.add_parser("demo", help="a talking-head video of the bundled portrait and speech-like audio (no downloads)")
+    p.add_argument("-o", "--output", default="lmdiff_demo.mp4", help="video (default lmdiff_demo.mp4)")
     p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument(
+        "--landmarks-only",
+        action="store_true",
+        help="run only the landmark pipeline on the portrait moved by a known head motion (preview + .npz)",
+    )
+    _add_generation_args(p, image_mode="still")
     _add_detector_args(p)
     p.set_defaults(func=cmd_demo)
 
@@ -443,15 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="portrait to animate (one-shot)")
     source.add_argument("--video", help="video to dub (its lower face is regenerated)")
-    p.add_argument("--a2l", help="A2L checkpoint folder (default: the bundled checkpoints/a2l)")
-    p.add_argument("--l2v", help="L2V checkpoint folder (default: the bundled checkpoints/l2v)")
-    p.add_argument("--vae", help="autoencoder the L2V model was trained with (a TAESD-family folder or a VAE file)")
     p.add_argument("-o", "--output", required=True, help="video file (.mp4)")
-    p.add_argument("--steps", type=int, default=20, help="L2V sampling steps")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance on the landmarks")
-    p.add_argument("--sampler", choices=("ddim", "dpm++", "unipc"), default="ddim")
-    p.add_argument("--size", type=int, help="face crop size (default: the L2V checkpoint's)")
-    p.add_argument("--seed", type=int, default=0)
+    _add_generation_args(p, image_mode="one-shot")
     _add_detector_args(p)
     p.set_defaults(func=cmd_generate)
 

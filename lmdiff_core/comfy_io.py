@@ -40,12 +40,8 @@ def frames_to_image(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames)).to(torch.float32).div_(255.0)
 
 
-def audio_from_comfy(audio: dict, sample_rate: int = 16000) -> np.ndarray:
-    """Convert a ComfyUI AUDIO to float32 mono at ``sample_rate``.
-
-    The first batch item is used, its channels are averaged and it is resampled with ``librosa.resample``
-    when its rate differs.
-    """
+def _checked_audio(audio: dict) -> tuple[torch.Tensor, int]:
+    """The waveform [B, C, T] and sample rate of a ComfyUI AUDIO, or LmdiffInputError saying what is wrong."""
     if not isinstance(audio, dict) or not {"waveform", "sample_rate"} <= audio.keys():
         found = sorted(audio) if isinstance(audio, dict) else type(audio).__name__
         raise LmdiffInputError(f"AUDIO must be a dict with 'waveform' and 'sample_rate', got {found}")
@@ -57,6 +53,22 @@ def audio_from_comfy(audio: dict, sample_rate: int = 16000) -> np.ndarray:
         raise LmdiffInputError(f"AUDIO waveform is empty (shape {tuple(waveform.shape)})")
     if not isinstance(source_rate, numbers.Integral) or source_rate <= 0:
         raise LmdiffInputError(f"AUDIO sample_rate must be a positive integer, got {source_rate!r}")
+    return waveform, int(source_rate)
+
+
+def audio_duration(audio: dict) -> float:
+    """Length of a ComfyUI AUDIO in seconds (samples / sample_rate of the original, before any resampling)."""
+    waveform, source_rate = _checked_audio(audio)
+    return waveform.shape[-1] / source_rate
+
+
+def audio_from_comfy(audio: dict, sample_rate: int = 16000) -> np.ndarray:
+    """Convert a ComfyUI AUDIO to float32 mono at ``sample_rate``.
+
+    The first batch item is used, its channels are averaged and it is resampled with ``librosa.resample``
+    when its rate differs.
+    """
+    waveform, source_rate = _checked_audio(audio)
     mono = waveform[0].detach().to(device="cpu", dtype=torch.float32).mean(dim=0).numpy()
     if source_rate != sample_rate:
         import librosa  # imported here: slow to import and only needed when rates differ

@@ -208,7 +208,10 @@ class DlibLandmarker(Landmarker):
             raise LmdiffInputError(f"dlib shape predictor {path} does not exist")
         self._dlib = dlib
         self._detector = dlib.get_frontal_face_detector()
-        self._predictor = dlib.shape_predictor(str(path))
+        try:
+            self._predictor = dlib.shape_predictor(str(path))
+        except RuntimeError as exc:
+            raise LmdiffInputError(f"dlib could not load {path} as a 68-point shape predictor (.dat): {exc}") from None
         self.upsample = upsample
         self.max_detect_side = max_detect_side
 

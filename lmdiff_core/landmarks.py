@@ -29,6 +29,21 @@ def _as_bool(values, length: int, default: bool, name: str) -> np.ndarray:
     return values
 
 
+def fit_indices(length: int, n_frames: int, mode: str = "pingpong") -> np.ndarray:
+    """Source frame of each of `n_frames` output frames for a sequence of `length` frames (see `fit_length`)."""
+    if n_frames <= 0:
+        raise LmdiffInputError(f"fit_length needs a positive frame count, got {n_frames}")
+    if mode not in FIT_MODES:
+        raise LmdiffInputError(f"fit_length mode {mode!r} is not one of {FIT_MODES}")
+    t = np.arange(n_frames)
+    if mode == "loop":
+        return t % length
+    if mode == "pingpong" and length > 1:
+        phase = t % (2 * length - 2)
+        return np.where(phase < length, phase, 2 * length - 2 - phase)
+    return np.minimum(t, length - 1)
+
+
 @dataclass
 class LandmarkSequence:
     """Per-frame facial landmarks.
@@ -208,20 +223,7 @@ class LandmarkSequence:
 
     def fit_length(self, n_frames: int, mode: str = "pingpong") -> "LandmarkSequence":
         """Exactly `n_frames` frames: trimmed, or extended by "loop", "pingpong" (back and forth) or "hold" (last frame)."""
-        if n_frames <= 0:
-            raise LmdiffInputError(f"fit_length needs a positive frame count, got {n_frames}")
-        if mode not in FIT_MODES:
-            raise LmdiffInputError(f"fit_length mode {mode!r} is not one of {FIT_MODES}")
-        t = np.arange(n_frames)
-        n = len(self)
-        if mode == "loop":
-            index = t % n
-        elif mode == "pingpong" and n > 1:
-            phase = t % (2 * n - 2)
-            index = np.where(phase < n, phase, 2 * n - 2 - phase)
-        else:
-            index = np.minimum(t, n - 1)
-        return self[index]
+        return self[fit_indices(len(self), n_frames, mode)]
 
     # -- topology -----------------------------------------------------------------------------------------------------
     def to_topology(self, name: str) -> "LandmarkSequence":

@@ -226,7 +226,7 @@ def test_render(clip_landmarks, workdir, n_frames, audio, audio_seconds):
 
 def test_demo(workdir, mediapipe_model):
     out = workdir / "demo.mp4"
-    code, stdout = run_in_process(["demo", "-o", out, "--seconds", 1, "--model", mediapipe_model])
+    code, stdout = run_in_process(["demo", "-o", out, "--seconds", 1, "--model", mediapipe_model, "--landmarks-only"])
     assert code == 0 and str(out) in stdout
     video = decode(out)
     assert len(video.frames) == 25

@@ -76,14 +76,31 @@ def test_temporal_attention_stays_within_a_window():
     assert torch.allclose(c[0], d[0], atol=1e-6)  # no temporal mixing with num_frames=1
 
 
-def test_identity_reference_attention_reads_the_identity():
+@pytest.mark.parametrize("concat", [True, False])
+def test_identity_reference_attention_reads_the_identity(concat):
     torch.manual_seed(0)
-    model = L2VUNet(**{**TINY, "temporal_attention": False}).eval()
+    model = L2VUNet(**{**TINY, "temporal_attention": False, "identity_concat": concat}).eval()
+    channels = model.config.latent_channels
+    assert model.conv_in.in_channels == (3 if concat else 2) * channels + 1
+    x = _inputs()
+    with torch.no_grad():
+        model.conv_in.weight[:, 2 * channels + 1 :].zero_()  # whatever reaches the output now comes by attention
+        a = model(**x)
+        b = model(**dict(x, identity=torch.randn_like(x["identity"])))
+    assert not torch.allclose(a, b, atol=1e-5)
+
+
+def test_identity_by_concatenation_only():
+    no_attention = dict(down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    model = L2VUNet(**{**TINY, **no_attention, "temporal_attention": False}).eval()
+    assert model.identity_tokens is None
     x = _inputs()
     with torch.no_grad():
         a = model(**x)
         b = model(**dict(x, identity=torch.randn_like(x["identity"])))
     assert not torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="identity"):
+        L2VUNet(**{**TINY, **no_attention, "identity_concat": False})
 
 
 def test_bad_inputs_are_clear_errors():

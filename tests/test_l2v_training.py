@@ -104,3 +104,31 @@ def test_run_folder_is_protected_and_resumable(trained):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 260 and (run / "checkpoints" / "step_000260").is_dir()
+
+
+def test_lora_fine_tune_changes_the_weights_by_low_rank_updates_only(trained, tmp_path):
+    """A `lora:` run on the trained checkpoint: final/ holds the merged weights. Every LoRA-targeted weight moved by
+    a matrix of rank <= the LoRA rank (checked by SVD), every other weight is exactly the base's."""
+    data, run, config_path = trained
+    rank = 2
+    config = yaml.safe_load(config_path.read_text())
+    config["lora"] = {"base": str(run / "final"), "rank": rank, "alpha": rank}
+    config["train"].update(max_steps=30, val_every=1000, checkpoint_every=1000, lr=5e-3)
+    path = tmp_path / "lora.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = _train(path, data, tmp_path / "lora", launch=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    base = LandmarkToVideoPipeline.from_pretrained(run / "final").unet.state_dict()
+    tuned = LandmarkToVideoPipeline.from_pretrained(tmp_path / "lora" / "final").unet.state_dict()
+    assert base.keys() == tuned.keys()
+    targets = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "conv1.weight", "conv2.weight")
+    moved = 0
+    for name, weight in base.items():
+        delta = (tuned[name] - weight).reshape(weight.shape[0], -1) if weight.ndim > 1 else tuned[name] - weight
+        if name.endswith(targets):
+            singular = torch.linalg.svdvals(delta.double())
+            assert (singular[rank:] <= 1e-4 * max(singular[0].item(), 1e-12)).all(), name
+            moved += bool(singular[0] > 1e-6)
+        else:
+            assert torch.equal(tuned[name], weight), name
+    assert moved > 10

@@ -37,6 +37,7 @@ from ..l2v_data import pose_reference, render_condition
 from ..landmarks import LandmarkSequence
 from ..models import L2VUNet
 from .schedulers import SAMPLERS, make_scheduler
+from .timing import StageTimer, stage
 
 CHECKPOINT_INFO = "lmdiff_l2v.json"
 MODES = ("dub", "one_shot")
@@ -122,6 +123,7 @@ class LandmarkToVideoPipeline(DiffusionPipeline):
         self.autoencoder = None
         if autoencoder is not None:
             self.set_autoencoder(autoencoder)
+        self.timer: StageTimer | None = None  # set one to measure the time of each stage
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
     def set_autoencoder(self, autoencoder) -> None:
@@ -260,17 +262,19 @@ class LandmarkToVideoPipeline(DiffusionPipeline):
                     raise LmdiffInputError(f"frames ended after {start + len(held_frames)} of {n}") from None
             batch = np.stack(held_frames[: stop - start])
             idx = np.arange(start, stop)
-            crops = crop_frames(batch, track, idx)
-            condition = render_condition(target_crop[start:stop], size).to(device, dtype)
-            if mode == "dub":
-                both = LandmarkSequence.concatenate([source_crop[start:stop], target_crop[start:stop]])
-                masked, mask = pose_reference(crops.repeat(2, 1, 1, 1), both)
-                mask = torch.maximum(mask[: stop - start], mask[stop - start :])
-                masked = crops * (1 - mask) + 0.5 * mask
-            else:
-                masked = identity[None].expand(stop - start, -1, -1, -1)
-                mask = torch.ones(stop - start, 1, size, size)
-            pose_latent = self._encode(masked)
+            with stage(self.timer, "crop"):
+                crops = crop_frames(batch, track, idx)
+                condition = render_condition(target_crop[start:stop], size).to(device, dtype)
+                if mode == "dub":
+                    both = LandmarkSequence.concatenate([source_crop[start:stop], target_crop[start:stop]])
+                    masked, mask = pose_reference(crops.repeat(2, 1, 1, 1), both)
+                    mask = torch.maximum(mask[: stop - start], mask[stop - start :])
+                    masked = crops * (1 - mask) + 0.5 * mask
+                else:
+                    masked = identity[None].expand(stop - start, -1, -1, -1)
+                    mask = torch.ones(stop - start, 1, size, size)
+            with stage(self.timer, "encode"):
+                pose_latent = self._encode(masked)
             noise = (
                 base_noise.expand(stop - start, -1, -1, -1)
                 if shared_noise
@@ -278,34 +282,38 @@ class LandmarkToVideoPipeline(DiffusionPipeline):
             ).to(device, dtype)
             k = 0 if known is None else known.shape[0]
             weight = torch.linspace(1.0, 0.0, k + 2)[1:-1] if k else None
-            latents = sample_window(
-                self.unet,
-                self.scheduler,
-                noise,
-                condition,
-                pose_latent,
-                mask.to(device, dtype),
-                identity_latent.expand(stop - start, -1, -1, -1),
-                num_inference_steps,
-                guidance_scale,
-                known,
-                weight,
-                generator,
-            )
+            with stage(self.timer, "denoise"):
+                latents = sample_window(
+                    self.unet,
+                    self.scheduler,
+                    noise,
+                    condition,
+                    pose_latent,
+                    mask.to(device, dtype),
+                    identity_latent.expand(stop - start, -1, -1, -1),
+                    num_inference_steps,
+                    guidance_scale,
+                    known,
+                    weight,
+                    generator,
+                )
             if k:
                 w = weight.to(latents)[:, None, None, None]
                 latents = torch.cat([w * known + (1 - w) * latents[:k], latents[k:]])
             last = stop == n
             emit = stop - start if last else max(stop - start - self.overlap, 1)
-            out_crops = self.autoencoder.decode(latents[:emit].to(self.autoencoder.device)).cpu()
-            if mode == "dub":
-                paste_mask = mask[:emit]
-            else:
-                paste_mask = face_masks(target_crop[start : start + emit], parts=("face",))["face"]
-            pasted, _ = paste_back(batch[:emit], out_crops, track, idx[:emit], mask=paste_mask)
-            for frame in (pasted.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy():
+            with stage(self.timer, "decode"):
+                out_crops = self.autoencoder.decode(latents[:emit].to(self.autoencoder.device)).cpu()
+            with stage(self.timer, "paste_back"):
+                if mode == "dub":
+                    paste_mask = mask[:emit]
+                else:
+                    paste_mask = face_masks(target_crop[start : start + emit], parts=("face",))["face"]
+                pasted, _ = paste_back(batch[:emit], out_crops, track, idx[:emit], mask=paste_mask)
+                pasted = (pasted.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            for frame in pasted:
                 yield frame
-            known = None if last else latents[emit:]
+            known = latents[emit:] if emit < stop - start else None  # the overlap, still to be output
             held_frames = held_frames[emit:]
             start += emit
             if progress is not None:

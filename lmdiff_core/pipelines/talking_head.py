@@ -4,7 +4,9 @@ Dubbing: the video's landmarks give the head pose, the eyes and the crop boxes; 
 most closed-mouth frame) gives the lips and jaw, put into the video's canonical landmarks and posed like the video;
 L2V regenerates the lower face. A video shorter than the audio is looped. One-shot: A2L from the portrait's
 landmarks, plus generated head motion and blinks (the A2L checkpoint's training-set statistics); L2V generates the
-whole face crop. Either way the output has exactly ceil(audio duration x fps) frames.
+whole face crop. A portrait can also be dubbed as a still video (`image_mode="still"`): only the lips and jaw move
+and everything else stays the photo's own pixels, which small models do best. Either way the output has exactly
+ceil(audio duration x fps) frames.
 """
 
 from __future__ import annotations
@@ -18,16 +20,17 @@ from diffusers import DiffusionPipeline
 
 from ..canonical import canonicalize, uncanonicalize
 from ..detectors import Landmarker, detect_image, extract_landmarks
+from ..editing import dub_landmarks
 from ..errors import LmdiffInputError
 from ..landmarks import LandmarkSequence
 from ..media import frame_count, iter_frames, probe_video
 from ..motion import add_blinks, apply_head_motion, blink_curve, generate_head_motion
 from ..smoothing import smooth_landmarks
-from ..topology import get_topology
 from .a2l import AudioToLandmarksPipeline
 from .l2v import LandmarkToVideoPipeline
+from .timing import stage
 
-LOWER_FACE_PARTS = ("outer_lips", "inner_lips", "contour")  # contour: the jaw line (ibug68)
+IMAGE_MODES = ("one_shot", "still")
 
 
 def natural_motion(talking: LandmarkSequence, a2l: AudioToLandmarksPipeline, seed: int | None) -> LandmarkSequence:
@@ -37,24 +40,27 @@ def natural_motion(talking: LandmarkSequence, a2l: AudioToLandmarksPipeline, see
     return add_blinks(talking, blink_curve(n, talking.fps, a2l.motion_stats, seed))
 
 
-def dub_landmarks(source: LandmarkSequence, talking: LandmarkSequence) -> LandmarkSequence:
-    """Image-space landmarks of the video `source` (same length as `talking`) with the lips and jaw of the canonical
-    A2L output `talking`, posed like the video."""
-    topology = talking.topology
-    canonical = canonicalize(source).to_topology(topology)
-    lower = np.unique(np.concatenate([get_topology(topology).part_indices(p) for p in LOWER_FACE_PARTS]))
-    points = canonical.points.copy()
-    points[:, lower] = talking.points[:, lower]
-    return uncanonicalize(canonical.replace(points=points))
-
-
-def _looped_frames(video: Path, fps: float, n: int, length: int) -> Iterator[np.ndarray]:
-    """n frames of a video of `length` frames, looping it from the start as often as needed."""
+def _looped_frames(video: Path | np.ndarray, fps: float, n: int, length: int) -> Iterator[np.ndarray]:
+    """n frames of a video (a file, or frames already at `fps`) of `length` frames, looped as often as needed."""
+    if not isinstance(video, Path):
+        yield from (video[i % length] for i in range(n))
+        return
     done = 0
     while done < n:
         for frame in iter_frames(video, fps, max_frames=min(length, n - done)):
             yield frame
             done += 1
+
+
+def _frames_at(frames, video_fps: float, fps: float) -> np.ndarray:
+    """Frames [T, H, W, 3] uint8 given at `video_fps`, resampled (nearest earlier frame) to `fps`."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise LmdiffInputError(f"video frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    if video_fps == fps:
+        return frames
+    n = frame_count(len(frames) / video_fps, fps)
+    return frames[np.minimum((np.arange(n) * video_fps / fps + 1e-6).astype(int), len(frames) - 1)]
 
 
 class TalkingHeadPipeline(DiffusionPipeline):
@@ -70,58 +76,79 @@ class TalkingHeadPipeline(DiffusionPipeline):
         audio: np.ndarray,
         landmarker: Landmarker,
         image: np.ndarray | None = None,
-        video: str | Path | None = None,
+        video: str | Path | np.ndarray | None = None,
+        video_fps: float | None = None,
         num_inference_steps: int = 20,
         guidance_scale: float = 1.0,
         a2l_guidance_scale: float = 1.5,
         seed: int | None = 0,
+        image_mode: str = "one_shot",
+        n_frames: int | None = None,
         progress: Callable[[str, int, int], None] | None = None,
     ) -> tuple[Iterator[np.ndarray], int]:
         """(frames, n): an iterator over the n output frames (uint8 [H, W, 3]) for `audio` (16 kHz mono), from a
-        portrait `image` (one-shot) or a `video` file (dubbing). `progress(stage, done, total)`."""
+        portrait `image` (`image_mode` "one_shot" or "still") or a `video` to dub: a file, or frames uint8
+        [T, H, W, 3] at `video_fps` (default: the pipeline's fps). n = `n_frames`, by default
+        ceil(audio duration x fps). `progress(stage, done, total)`."""
         if (image is None) == (video is None):
             raise LmdiffInputError("give either a portrait image or a video to dub, not both or neither")
+        if image_mode not in IMAGE_MODES:
+            raise LmdiffInputError(f"image_mode must be one of {IMAGE_MODES}, got {image_mode!r}")
+        timer = self.l2v.timer
         fps = self.a2l.fps
-        n = frame_count(len(audio) / 16000, fps)
+        n = frame_count(len(audio) / 16000, fps) if n_frames is None else int(n_frames)
         if n <= 0:
             raise LmdiffInputError("the audio is too short: it gives no video frame")
-        report = (lambda stage: lambda d, t: progress(stage, d, t)) if progress else (lambda stage: None)
+        report = (lambda name: lambda d, t: progress(name, d, t)) if progress else (lambda name: None)
         if video is not None:
-            video = Path(video)
-            length = frame_count(probe_video(video).duration, fps)
+            if isinstance(video, (str, Path)):
+                video = Path(video)
+                length = frame_count(probe_video(video).duration, fps)
+                name = str(video)
+            else:
+                video = _frames_at(video, video_fps or fps, fps)
+                length, name = len(video), "the video frames"
             if length <= 0:
-                raise LmdiffInputError(f"video {video} is shorter than one frame at {fps:g} fps")
-            source = extract_landmarks(iter_frames(video, fps), landmarker, fps, source=str(video))
-            source = smooth_landmarks(source)
+                raise LmdiffInputError(f"video {name} is shorter than one frame at {fps:g} fps")
+            with stage(timer, "landmarks"):
+                frames_in = iter_frames(video, fps) if isinstance(video, Path) else video
+                source = smooth_landmarks(extract_landmarks(frames_in, landmarker, fps, source=name))
             opening = source.mouth_opening()
             valid = np.flatnonzero(source.valid)
             reference = source[int(valid[np.argmin(opening[valid])])]
-            talking = self.a2l(
-                audio, reference, n_frames=n, guidance_scale=a2l_guidance_scale, seed=seed, progress=report("a2l")
-            )
+            with stage(timer, "a2l"):
+                talking = self.a2l(
+                    audio, reference, n_frames=n, guidance_scale=a2l_guidance_scale, seed=seed, progress=report("a2l")
+                )
             index = np.arange(n) % length
             source_n = source[index]
             target = dub_landmarks(source_n, talking)
             identity_frame = int(valid[np.argsort(opening[valid])[len(valid) // 2]])
-            frame = next(f for i, f in enumerate(iter_frames(video, fps)) if i == identity_frame)
+            frame = next(f for i, f in enumerate(_looped_frames(video, fps, length, length)) if i == identity_frame)
             identity = self.l2v.reference_crop(frame, source[identity_frame])
             frames = _looped_frames(video, fps, n, length)
             mode = "dub"
         else:
-            reference = detect_image(image, landmarker, source="portrait")
-            talking = self.a2l(
-                audio,
-                canonicalize(reference),
-                n_frames=n,
-                guidance_scale=a2l_guidance_scale,
-                seed=seed,
-                progress=report("a2l"),
-            )
-            target = uncanonicalize(natural_motion(talking, self.a2l, seed))
+            with stage(timer, "landmarks"):
+                reference = detect_image(image, landmarker, source="portrait")
+            with stage(timer, "a2l"):
+                talking = self.a2l(
+                    audio,
+                    canonicalize(reference),
+                    n_frames=n,
+                    guidance_scale=a2l_guidance_scale,
+                    seed=seed,
+                    progress=report("a2l"),
+                )
             source_n = reference[np.zeros(n, dtype=int)]
+            if image_mode == "still":
+                target = dub_landmarks(source_n, talking)
+                mode = "dub"
+            else:
+                target = uncanonicalize(natural_motion(talking, self.a2l, seed))
+                mode = "one_shot"
             identity = self.l2v.reference_crop(image, reference)
             frames = (image for _ in range(n))
-            mode = "one_shot"
         out = self.l2v.generate(
             frames,
             source_n.to_topology(target.topology),
