@@ -8,9 +8,9 @@ from lmdiff_core.autoencoders import load_autoencoder
 from lmdiff_core.canonical import uncanonicalize
 from lmdiff_core.cli import main
 from lmdiff_core.dataset import clip_sequence, prepare_dataset
-from lmdiff_core.detectors import load_landmarker
+from lmdiff_core.detectors import detect_image, load_landmarker
 from lmdiff_core.errors import LmdiffInputError
-from lmdiff_core.media import frame_count, iter_frames, read_audio, read_video, write_video
+from lmdiff_core.media import frame_count, iter_frames, read_audio, read_image, read_video, write_video
 from lmdiff_core.models import A2LLSTM, L2VUNet
 from lmdiff_core.pipelines.a2l import AudioToLandmarksPipeline
 from lmdiff_core.pipelines.l2v import LandmarkToVideoPipeline
@@ -69,6 +69,16 @@ def test_same_seed_same_frames_and_save_load_round_trip(clip, tmp_path):
     pipe.save_pretrained(tmp_path / "l2v")
     loaded = LandmarkToVideoPipeline.from_pretrained(tmp_path / "l2v", autoencoder=load_autoencoder("pixel"))
     np.testing.assert_array_equal(a, loaded(frames[:6], seq[:6], seq[:6], identity, num_inference_steps=2, seed=3))
+
+
+@pytest.mark.parametrize("window, overlap", [(1, 0), (4, 0), (4, 3)])
+def test_every_window_and_overlap_gives_every_frame(clip, window, overlap):
+    frames, seq = clip
+    pipe = _tiny_l2v()
+    pipe.window, pipe.overlap = window, overlap
+    identity = pipe.reference_crop(frames[6], seq[6])
+    out = pipe(frames[:7], seq[:7], seq[:7], identity, num_inference_steps=1, seed=0)
+    assert out.shape == (7, *frames[0].shape)
 
 
 def test_autoencoder_must_match_the_unet():
@@ -133,3 +143,52 @@ def test_generate_cli_bad_inputs(tmp_path, mediapipe_model, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and word in err.lower(), err
         assert not out.exists()
+
+
+def test_still_portrait_keeps_the_photo_above_the_mouth(tmp_path, mediapipe_model):
+    a2l = _tiny_a2l(tmp_path / "a2l")
+    _tiny_l2v().save_pretrained(tmp_path / "l2v")
+    speech = tmp_path / "speech.wav"
+    import soundfile
+
+    soundfile.write(speech, read_audio(shared_path("data/speech/speech_en_hdtf_radio34.wav"))[:16000], 16000)
+    portrait = shared_path("data/images/portrait_woman_a.jpg")
+    out = tmp_path / "still.mp4"
+    args = ["generate", "--audio", str(speech), "--image", str(portrait), "--image-mode", "still", "-o", str(out)]
+    common = ["--a2l", str(a2l), "--l2v", str(tmp_path / "l2v"), "--steps", "2", "--model", str(mediapipe_model)]
+    assert main([*args, *common]) == 0
+    frames = read_video(out).frames.astype(np.float32)
+    assert len(frames) == 25
+    with load_landmarker("mediapipe", mediapipe_model) as landmarker:
+        image = read_image(portrait)
+        face = detect_image(image, landmarker).to_topology("ibug68").points[0]
+    eyes_bottom = int(face[36:48, 1].max())
+    nose_bottom = int(face[33, 1])
+    above = slice(0, eyes_bottom + (nose_bottom - eyes_bottom) // 4)
+    # Above the pose mask every frame is the photo (up to video coding); below it the lower face is generated.
+    assert np.abs(frames[:, above] - image[above].astype(np.float32)).mean() < 3.0
+    mouth = slice(int(face[48:68, 1].min()), int(face[48:68, 1].max()) + 1)
+    assert np.abs(frames[:, mouth] - image[mouth].astype(np.float32)).mean() > 3.0
+
+
+def test_demo_with_the_bundled_checkpoints(tmp_path):
+    """README command (a): the bundled portrait and speech-like audio through the bundled A2L and L2V checkpoints
+    (offline: dlib finds the face, the L2V model is pixel-space). The photo is kept above the mouth; the lower face
+    changes over time with the speech."""
+    from lmdiff_core.checkpoints import BUNDLED_A2L, BUNDLED_L2V
+    from lmdiff_core.demo import demo_portrait
+
+    assert (BUNDLED_A2L / "README.md").is_file() and (BUNDLED_L2V / "README.md").is_file()
+    out = tmp_path / "demo.mp4"
+    assert main(["demo", "-o", str(out), "--seconds", "2", "--steps", "2", "--detector", "dlib"]) == 0
+    frames = read_video(out).frames.astype(np.float32)
+    assert len(frames) == 50 and len(read_audio(out)) > 1.9 * 16000
+    portrait = demo_portrait()
+    with load_landmarker("dlib") as landmarker:
+        face = detect_image(portrait, landmarker).points[0]
+    above = slice(0, int(face[36:48, 1].max()))
+    assert np.abs(frames[:, above] - portrait[above].astype(np.float32)).mean() < 3.0
+    top, bottom = int(face[48:68, 1].min()), int(face[48:68, 1].max()) + 1
+    left, right = int(face[48:68, 0].min()), int(face[48:68, 0].max()) + 1
+    mouth = frames[:, top:bottom, left:right]
+    assert mouth.std(axis=0).mean() > 2.0  # the mouth region moves
