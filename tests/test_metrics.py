@@ -1,0 +1,114 @@
+"""Metrics against independent computations on real frames and landmarks."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from skimage.filters import gaussian
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from lmdiff_core import metrics
+from lmdiff_core.detectors import extract_landmarks, load_landmarker
+from lmdiff_core.errors import LmdiffInputError
+from lmdiff_core.media import iter_frames
+from lmdiff_core.smoothing import smooth_landmarks
+
+from .conftest import shared_path
+
+
+@pytest.fixture(scope="module")
+def clip(mediapipe_model):
+    frames = np.stack(list(iter_frames(shared_path("data/clips/macron_fr.mp4"), 25.0, max_frames=30)))
+    with load_landmarker("mediapipe", mediapipe_model, num_faces=1) as landmarker:
+        seq = extract_landmarks(frames, landmarker, 25.0)
+    return frames, seq
+
+
+def test_psnr_identity_known_noise_and_mask(clip):
+    frames, _ = clip
+    truth = frames[:4]
+    assert metrics.psnr(truth, truth) == math.inf
+    rng = np.random.default_rng(0)
+    noisy = np.clip(truth.astype(np.float64) + rng.normal(0, 8, truth.shape), 0, 255).round().astype(np.uint8)
+    expected = peak_signal_noise_ratio(truth, noisy, data_range=255)
+    assert metrics.psnr(noisy, truth) == pytest.approx(expected, abs=1e-3)
+    assert 29 < expected < 31  # sigma 8 of 255: 20 log10(255 / 8) = 30.1 dB before rounding and clipping
+    mask = torch.zeros(4, 1, *truth.shape[1:3])
+    mask[:, :, 100:300, 150:350] = 1
+    inside = truth.copy()
+    inside[:, 100:300, 150:350] = noisy[:, 100:300, 150:350]
+    assert metrics.psnr(inside, truth, mask) == pytest.approx(
+        peak_signal_noise_ratio(truth[:, 100:300, 150:350], noisy[:, 100:300, 150:350], data_range=255), abs=1e-3
+    )
+    assert metrics.psnr(inside, truth, 1 - mask) == math.inf
+
+
+def test_ssim_matches_skimage_and_is_symmetric(clip):
+    frames, _ = clip
+    a, b = frames[0], frames[12]
+    assert metrics.ssim(frames[:1], frames[:1]) == pytest.approx(1.0, abs=1e-6)
+    ours = metrics.ssim(a[None], b[None])
+    assert ours == pytest.approx(metrics.ssim(b[None], a[None]), abs=1e-6)
+    reference = structural_similarity(
+        a, b, channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255
+    )
+    assert ours == pytest.approx(reference, abs=0.01)
+    assert ours < 0.999
+
+
+def test_landmark_distance_zero_shift_and_scale(clip):
+    _, seq = clip
+    assert metrics.landmark_distance(seq, seq) == 0.0
+    shifted = seq.replace(points=seq.points + np.array([3.0, 4.0, 0.0], np.float32))
+    expected = float(np.mean(5.0 / seq.inter_ocular()))
+    assert metrics.landmark_distance(shifted, seq) == pytest.approx(expected, rel=1e-5)
+    assert metrics.landmark_distance(shifted, seq, "mouth") == pytest.approx(expected, rel=1e-5)
+    # resizing both videos by 2 leaves the normalised distance unchanged
+    double = lambda s: s.replace(points=s.points * 2, frame_size=(s.frame_size[0] * 2, s.frame_size[1] * 2))  # noqa: E731
+    assert metrics.landmark_distance(double(shifted), double(seq)) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(LmdiffInputError, match="frames"):
+        metrics.landmark_distance(seq[:5], seq)
+
+
+def test_mouth_opening_correlation(clip):
+    _, seq = clip
+    assert metrics.mouth_opening_correlation(seq, seq) == pytest.approx(1.0)
+    opening = seq.mouth_opening()
+    delayed = seq[np.maximum(np.arange(len(seq)) - 5, 0)]
+    assert metrics.mouth_opening_correlation(delayed, seq) == pytest.approx(
+        np.corrcoef(opening[np.maximum(np.arange(len(seq)) - 5, 0)], opening)[0, 1]
+    )
+    assert metrics.mouth_opening_correlation(delayed, seq) < 0.9
+
+
+def test_frame_difference_error_and_jitter(clip):
+    frames, seq = clip
+    truth = frames[:10]
+    assert metrics.frame_difference_error(truth, truth) == 0.0
+    frozen = np.repeat(truth[:1], 10, axis=0)
+    expected = float(np.mean((np.diff(truth.astype(np.float64) / 255, axis=0)) ** 2))
+    assert metrics.frame_difference_error(frozen, truth) == pytest.approx(expected, rel=1e-4)
+    assert metrics.landmark_jitter(smooth_landmarks(seq)) < metrics.landmark_jitter(seq)
+
+
+def test_cpbd_falls_monotonically_with_blur():
+    from PIL import Image
+
+    frame = next(iter(iter_frames(shared_path("data/clips/cnn_anchor_en.mp4"), 25.0, max_frames=1)))
+    portrait = np.asarray(Image.open(shared_path("data/images/portrait_man_a.jpg")).convert("RGB"))
+    for image in (frame, portrait):
+        scores = [metrics.cpbd(image)]
+        for sigma in (0.5, 1.0, 1.5):
+            blurred = gaussian(image, sigma=sigma, channel_axis=-1, preserve_range=True).round().astype(np.uint8)
+            scores.append(metrics.cpbd(blurred))
+        assert all(a > b for a, b in zip(scores, scores[1:])), scores
+        assert 0.2 < scores[0] <= 1.0
+
+
+def test_shape_mismatch_is_a_clear_error(clip):
+    frames, _ = clip
+    with pytest.raises(LmdiffInputError, match="differ in shape"):
+        metrics.psnr(frames[:2], frames[:3])
+    with pytest.raises(LmdiffInputError, match="at least 2"):
+        metrics.frame_difference_error(frames[:1], frames[:1])
