@@ -360,6 +360,21 @@ def _talking_head(args, audio: np.ndarray, out: Path, image=None, video=None) ->
     print(f"{out}: {n} frames at {a2l.fps:g} fps with the speech")
 
 
+def cmd_eval(args) -> None:
+    from .evaluation import evaluate
+
+    for name, path in (("--pred", args.pred), ("--gt", args.gt)):
+        if not Path(path).is_file():
+            raise LmdiffInputError(f"{name} {path} does not exist")
+    with _open_landmarker(args, video=True) as landmarker:
+        report = evaluate(args.pred, args.gt, landmarker, args.output, fps=args.fps)
+    p, b = report["prediction"], report["baselines"]
+    print(
+        f"{args.output}: {report['frames']} frames; mouth PSNR {p['psnr_mouth']:.2f} dB (frozen lower face "
+        f"{b['frozen_lower_face']['psnr_mouth']:.2f}), mouth-opening correlation {p['mouth_opening_correlation']:.3f}"
+    )
+
+
 def cmd_download_model(args) -> None:
     import urllib.request
 
@@ -491,6 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p, image_mode="one-shot")
     _add_detector_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="score a generated video against its ground truth, with baselines")
+    p.add_argument("--pred", required=True, help="generated video")
+    p.add_argument("--gt", required=True, help="ground-truth video")
+    p.add_argument("-o", "--output", required=True, help="report folder (metrics.json, report.md, plots)")
+    _add_detector_args(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("download-model", help="download the MediaPipe face landmarker model (needs internet)")
     p.add_argument("name", choices=("mediapipe",))

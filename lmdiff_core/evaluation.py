@@ -1,0 +1,225 @@
+"""`lmdiff eval`: score a generated video against its ground truth, next to trivial baselines made from the ground
+truth itself, and write `metrics.json`, `report.md` and PNG plots.
+
+Baselines (every report has them, so a number can be read against them): the ground truth itself; its first frame
+held; its frozen lower face (frame 0's pixels under every frame's lower-face mask, the look of a dub with frozen
+lips); the ground truth delayed by 5 frames (audio and video shifted by 0.2 s).
+
+Handling of mismatched inputs (recorded under "handling" in the report): a prediction of another frame size is resized
+to the ground truth's; videos of different lengths are truncated to the shorter; frames where no face is found are
+filled from their neighbours by the landmark tracker and their share is reported as the face rate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import metrics
+from .crop import masks_from_points
+from .detectors import Landmarker, extract_landmarks
+from .errors import LmdiffInputError
+from .landmarks import LandmarkSequence
+from .media import iter_frames
+
+SHIFT_FRAMES = 5
+CHUNK = 32
+NOT_COMPUTED = "not computed: no weights"
+
+
+def _read(path: Path, fps: float) -> np.ndarray:
+    frames = list(iter_frames(path, fps))
+    if not frames:
+        raise LmdiffInputError(f"{path} holds no video frame")
+    return np.stack(frames)
+
+
+def _resize(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> [T, size[1], size[0], 3] (bilinear, antialiased)."""
+    out = []
+    for start in range(0, len(frames), CHUNK):
+        x = torch.from_numpy(frames[start : start + CHUNK]).permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=(size[1], size[0]), mode="bilinear", antialias=True, align_corners=False)
+        out.append(x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
+def _masks(seq: LandmarkSequence, parts: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    w, h = seq.frame_size
+    return masks_from_points(seq.points, seq.valid, seq.topology, w, h, parts=parts)
+
+
+def score(pred: np.ndarray, pred_seq: LandmarkSequence, truth: np.ndarray, truth_seq: LandmarkSequence) -> dict:
+    """Metrics of `pred` (uint8 [T, H, W, 3]) with its landmarks against the ground truth's (same shape and length)."""
+    mouth = _masks(truth_seq, ("mouth",))["mouth"]
+    per_frame, sums = [], {"full": 0.0, "mouth": 0.0, "mouth_area": 0.0, "ssim": 0.0, "ssim_mouth": 0.0}
+    for start in range(0, len(truth), CHUNK):
+        p, t = metrics.as_frames(pred[start : start + CHUNK]), metrics.as_frames(truth[start : start + CHUNK])
+        m = mouth[start : start + CHUNK]
+        err = (p - t) ** 2
+        per_frame += [10 * math.log10(1 / max(float(e.mean()), 1e-10)) for e in err]
+        sums["full"] += float(err.mean(dim=(1, 2, 3)).sum())
+        sums["mouth"] += float((err * m).sum())
+        sums["mouth_area"] += float(m.expand_as(err).sum())
+        sums["ssim"] += metrics.ssim(p, t) * len(p)
+        sums["ssim_mouth"] += metrics.ssim(p, t, m) * len(p)
+    n = len(truth)
+    to_db = lambda mse: math.inf if mse == 0 else 10 * math.log10(1 / mse)  # noqa: E731
+    jitter_pred, jitter_truth = metrics.landmark_jitter(pred_seq), metrics.landmark_jitter(truth_seq)
+    return {
+        "psnr": to_db(sums["full"] / n),
+        "psnr_mouth": to_db(sums["mouth"] / max(sums["mouth_area"], 1e-8)),
+        "ssim": sums["ssim"] / n,
+        "ssim_mouth": sums["ssim_mouth"] / n,
+        "lmd": metrics.landmark_distance(pred_seq, truth_seq),
+        "lmd_mouth": metrics.landmark_distance(pred_seq, truth_seq, "mouth"),
+        "mouth_opening_correlation": metrics.mouth_opening_correlation(pred_seq, truth_seq),
+        "frame_difference_error_mouth": _frame_difference(pred, truth, mouth),
+        "landmark_jitter_ratio": jitter_pred / max(jitter_truth, 1e-12),
+        "cpbd": float(np.mean([metrics.cpbd(f) for f in pred[:: max(1, len(pred) // 8)]])),
+        "per_frame_psnr": per_frame,
+    }
+
+
+def _frame_difference(pred: np.ndarray, truth: np.ndarray, mask: torch.Tensor) -> float:
+    total, area = 0.0, 0.0
+    for start in range(0, len(truth) - 1, CHUNK):
+        stop = min(start + CHUNK + 1, len(truth))
+        p, t = metrics.as_frames(pred[start:stop]), metrics.as_frames(truth[start:stop])
+        err = (p.diff(dim=0) - t.diff(dim=0)) ** 2
+        m = mask[start + 1 : stop].expand_as(err)
+        total, area = total + float((err * m).sum()), area + float(m.sum())
+    return total / max(area, 1e-8)
+
+
+def baselines(
+    truth: np.ndarray, truth_seq: LandmarkSequence, landmarker: Landmarker
+) -> dict[str, tuple[np.ndarray, LandmarkSequence]]:
+    """The trivial predictions made from the ground truth (see the module docstring), with their landmarks (the
+    frozen lower face's are detected in its frames)."""
+    n = len(truth)
+    lower = _masks(truth_seq, ("lower_face",))["lower_face"][:, 0, :, :, None].numpy()
+    frozen = (truth * (1 - lower) + truth[:1] * lower).round().astype(np.uint8)
+    shifted = np.maximum(np.arange(n) - SHIFT_FRAMES, 0)
+    held = np.zeros(n, dtype=int)
+    return {
+        "ground_truth": (truth, truth_seq),
+        "first_frame_held": (truth[held], truth_seq[held]),
+        "frozen_lower_face": (frozen, extract_landmarks(frozen, landmarker, truth_seq.fps, source="frozen lower face")),
+        f"shifted_{SHIFT_FRAMES}_frames": (truth[shifted], truth_seq[shifted]),
+    }
+
+
+def evaluate(pred_path, gt_path, landmarker: Landmarker, out_dir, fps: float = 25.0) -> dict:
+    """Score `pred_path` against `gt_path` and write the report into `out_dir` (see the module docstring)."""
+    pred_path, gt_path, out_dir = Path(pred_path), Path(gt_path), Path(out_dir)
+    pred, truth = _read(pred_path, fps), _read(gt_path, fps)
+    handling = {"pred_frames": len(pred), "gt_frames": len(truth)}
+    if pred.shape[1:3] != truth.shape[1:3]:
+        handling["resized_pred_from"] = [pred.shape[2], pred.shape[1]]
+        pred = _resize(pred, (truth.shape[2], truth.shape[1]))
+    n = min(len(pred), len(truth))
+    if len(pred) != len(truth):
+        handling["truncated_to"] = n
+    pred, truth = pred[:n], truth[:n]
+    if n < 3:
+        raise LmdiffInputError(f"the videos give only {n} frames to compare: at least 3 are needed")
+    seqs = {}
+    for name, frames, path in (("pred", pred, pred_path), ("gt", truth, gt_path)):
+        seqs[name] = extract_landmarks(frames, landmarker, fps, source=str(path))
+        handling[f"{name}_face_rate"] = float(np.mean(seqs[name].valid & ~seqs[name].interpolated))
+    report = {
+        "pred": str(pred_path),
+        "gt": str(gt_path),
+        "frames": n,
+        "fps": fps,
+        "landmarker": type(landmarker).__name__,
+        "handling": handling,
+        "prediction": score(pred, seqs["pred"], truth, seqs["gt"]),
+        "baselines": {
+            name: score(f, s, truth, seqs["gt"]) for name, (f, s) in baselines(truth, seqs["gt"], landmarker).items()
+        },
+        "not_computed": {name: NOT_COMPUTED for name in ("csim", "fid", "lpips", "tlp", "lse_c", "lse_d")},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _plots(report, pred, seqs["pred"], truth, seqs["gt"], out_dir)
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=1, default=_json_number) + "\n")
+    (out_dir / "report.md").write_text(markdown(report))
+    return report
+
+
+def _json_number(value):
+    return float(value)
+
+
+TABLE_KEYS = (
+    "psnr",
+    "psnr_mouth",
+    "ssim",
+    "ssim_mouth",
+    "lmd",
+    "lmd_mouth",
+    "mouth_opening_correlation",
+    "frame_difference_error_mouth",
+    "landmark_jitter_ratio",
+    "cpbd",
+)
+
+
+def markdown(report: dict) -> str:
+    """The report's table: the prediction and every baseline, one row each."""
+    lines = [
+        f"# lmdiff eval: {Path(report['pred']).name} vs {Path(report['gt']).name}",
+        "",
+        f"{report['frames']} frames at {report['fps']:g} fps; landmarks by {report['landmarker']}; "
+        f"handling: {json.dumps(report['handling'])}",
+        "",
+        "| video | " + " | ".join(TABLE_KEYS) + " |",
+        "|---" * (len(TABLE_KEYS) + 1) + "|",
+    ]
+    rows = {"**prediction**": report["prediction"], **report["baselines"]}
+    for name, values in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{values[k]:.4g}" for k in TABLE_KEYS) + " |")
+    lines += ["", "Not computed (no weights given): " + ", ".join(report["not_computed"]), ""]
+    return "\n".join(lines)
+
+
+def _plots(report, pred, pred_seq, truth, truth_seq, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .render import draw_landmarks_on_frames
+
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.plot(report["prediction"]["per_frame_psnr"], label="prediction")
+    for name in ("first_frame_held", "frozen_lower_face"):
+        ax.plot(report["baselines"][name]["per_frame_psnr"], label=name, alpha=0.6)
+    ax.set(xlabel="frame", ylabel="PSNR (dB)", title="per-frame PSNR")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "psnr_per_frame.png", dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.plot(truth_seq.mouth_opening(), label="ground truth")
+    ax.plot(pred_seq.mouth_opening(), label="prediction")
+    ax.set(xlabel="frame", ylabel="mouth opening (IOD)", title="mouth opening over time")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "mouth_opening.png", dpi=100)
+    plt.close(fig)
+    picks = np.linspace(0, len(truth) - 1, 6).round().astype(int)
+    rows = [
+        draw_landmarks_on_frames(frames[picks], seq[picks], opacity=0.8)
+        for frames, seq in ((truth, truth_seq), (pred, pred_seq))
+    ]
+    sheet = np.concatenate([np.concatenate(list(np.asarray(r)), axis=1) for r in rows], axis=0)
+    from PIL import Image
+
+    Image.fromarray(sheet).save(out_dir / "contact_sheet.png")

@@ -1,0 +1,62 @@
+"""`lmdiff eval` on a real clip: report files, baselines ordered as they must be, mismatched inputs handled."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from lmdiff_core.cli import main
+from lmdiff_core.media import read_video, write_video
+
+from .conftest import shared_path
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    clip = read_video(shared_path("data/clips/edtalk_woman_en.mp4"))
+    gt = write_video(root / "gt.mp4", clip.frames[:40], 25)
+    # a "prediction": the ground truth with frame 0's mouth region frozen and a little noise, 8 frames short,
+    # at another size
+    frames = clip.frames[:32].astype(np.float64)
+    frames[:, 150:210, 90:170] = frames[:1, 150:210, 90:170]
+    frames += np.random.default_rng(0).normal(0, 2, frames.shape)
+    small = np.clip(frames, 0, 255).astype(np.uint8)[:, ::2, ::2]
+    pred = write_video(root / "pred.mp4", small, 25)
+    return root, pred, gt
+
+
+def test_eval_report(videos, mediapipe_model, capsys):
+    root, pred, gt = videos
+    out = root / "report"
+    assert main(["eval", "--pred", str(pred), "--gt", str(gt), "-o", str(out), "--model", str(mediapipe_model)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    for name in ("metrics.json", "report.md", "psnr_per_frame.png", "mouth_opening.png", "contact_sheet.png"):
+        assert (out / name).stat().st_size > 0
+    handling = report["handling"]
+    assert handling["truncated_to"] == report["frames"] == 32 and handling["resized_pred_from"] == [128, 128]
+    assert handling["gt_face_rate"] == 1.0
+    base = report["baselines"]
+    truth = base["ground_truth"]
+    assert math.isinf(truth["psnr"]) and truth["lmd"] == 0 and truth["mouth_opening_correlation"] == pytest.approx(1)
+    # a 5-frame delay keeps the frames sharp but breaks sync; holding the first frame is worse than freezing the mouth
+    assert base["shifted_5_frames"]["mouth_opening_correlation"] < 0.9
+    assert base["first_frame_held"]["psnr"] < base["frozen_lower_face"]["psnr"]
+    assert base["frozen_lower_face"]["psnr_mouth"] < base["frozen_lower_face"]["psnr"]
+    assert len(report["prediction"]["per_frame_psnr"]) == 32
+    assert report["not_computed"]["fid"] == "not computed: no weights"
+    table = (out / "report.md").read_text()
+    assert "**prediction**" in table and "frozen_lower_face" in table
+    assert f"{report['prediction']['psnr_mouth']:.4g}" in table
+    assert "mouth PSNR" in capsys.readouterr().out
+
+
+def test_eval_bad_inputs(videos, tmp_path, mediapipe_model, capsys):
+    root, pred, gt = videos
+    common = ["-o", str(tmp_path / "r"), "--model", str(mediapipe_model)]
+    assert main(["eval", "--pred", str(root / "missing.mp4"), "--gt", str(gt), *common]) == 2
+    assert "--pred" in capsys.readouterr().err
+    blank = write_video(tmp_path / "blank.mp4", np.full((20, 128, 128, 3), 90, np.uint8), 25)
+    assert main(["eval", "--pred", str(blank), "--gt", str(gt), *common]) == 2
+    assert "face" in capsys.readouterr().err.lower()
