@@ -361,13 +361,19 @@ def _talking_head(args, audio: np.ndarray, out: Path, image=None, video=None) ->
 
 
 def cmd_eval(args) -> None:
-    from .evaluation import evaluate
+    from .evaluation import evaluate, evaluate_folder
 
-    for name, path in (("--pred", args.pred), ("--gt", args.gt)):
-        if not Path(path).is_file():
-            raise LmdiffInputError(f"{name} {path} does not exist")
+    pred, gt = Path(args.pred), Path(args.gt)
+    if pred.is_dir() and gt.is_dir():
+        with _open_landmarker(args, video=True) as landmarker:
+            summary = evaluate_folder(pred, gt, landmarker, args.output, fps=args.fps)
+        print(f"{args.output}: {len(summary['pairs'])} pairs scored, means in summary.md")
+        return
+    for name, path in (("--pred", pred), ("--gt", gt)):
+        if not path.is_file():
+            raise LmdiffInputError(f"{name} {path} is not a video file (give two files, or two folders)")
     with _open_landmarker(args, video=True) as landmarker:
-        report = evaluate(args.pred, args.gt, landmarker, args.output, fps=args.fps)
+        report = evaluate(pred, gt, landmarker, args.output, fps=args.fps)
     p, b = report["prediction"], report["baselines"]
     print(
         f"{args.output}: {report['frames']} frames; mouth PSNR {p['psnr_mouth']:.2f} dB (frozen lower face "
@@ -508,8 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="score a generated video against its ground truth, with baselines")
-    p.add_argument("--pred", required=True, help="generated video")
-    p.add_argument("--gt", required=True, help="ground-truth video")
+    p.add_argument("--pred", required=True, help="generated video, or a folder of them")
+    p.add_argument("--gt", required=True, help="ground-truth video, or a folder with a video of the same name each")
     p.add_argument("-o", "--output", required=True, help="report folder (metrics.json, report.md, plots)")
     _add_detector_args(p)
     p.set_defaults(func=cmd_eval)

@@ -54,8 +54,11 @@ def _masks(seq: LandmarkSequence, parts: tuple[str, ...]) -> dict[str, torch.Ten
     return masks_from_points(seq.points, seq.valid, seq.topology, w, h, parts=parts)
 
 
-def score(pred: np.ndarray, pred_seq: LandmarkSequence, truth: np.ndarray, truth_seq: LandmarkSequence) -> dict:
-    """Metrics of `pred` (uint8 [T, H, W, 3]) with its landmarks against the ground truth's (same shape and length)."""
+def score(
+    pred: np.ndarray, pred_seq: LandmarkSequence, truth: np.ndarray, truth_seq: LandmarkSequence, encoder=None
+) -> dict:
+    """Metrics of `pred` (uint8 [T, H, W, 3]) with its landmarks against the ground truth's (same shape and length);
+    CSIM with `encoder` (a `metrics.IdentityEncoder`) when given."""
     mouth = _masks(truth_seq, ("mouth",))["mouth"]
     per_frame, sums = [], {"full": 0.0, "mouth": 0.0, "mouth_area": 0.0, "ssim": 0.0, "ssim_mouth": 0.0}
     for start in range(0, len(truth), CHUNK):
@@ -82,6 +85,7 @@ def score(pred: np.ndarray, pred_seq: LandmarkSequence, truth: np.ndarray, truth
         "frame_difference_error_mouth": _frame_difference(pred, truth, mouth),
         "landmark_jitter_ratio": jitter_pred / max(jitter_truth, 1e-12),
         "cpbd": float(np.mean([metrics.cpbd(f) for f in pred[:: max(1, len(pred) // 8)]])),
+        "csim": float("nan") if encoder is None else metrics.csim(encoder, pred, pred_seq, truth, truth_seq),
         "per_frame_psnr": per_frame,
     }
 
@@ -133,24 +137,66 @@ def evaluate(pred_path, gt_path, landmarker: Landmarker, out_dir, fps: float = 2
     for name, frames, path in (("pred", pred, pred_path), ("gt", truth, gt_path)):
         seqs[name] = extract_landmarks(frames, landmarker, fps, source=str(path))
         handling[f"{name}_face_rate"] = float(np.mean(seqs[name].valid & ~seqs[name].interpolated))
+    encoder, not_computed = _identity_encoder()
     report = {
         "pred": str(pred_path),
         "gt": str(gt_path),
         "frames": n,
         "fps": fps,
         "landmarker": type(landmarker).__name__,
+        "identity_embedding": None if encoder is None else encoder.name,
         "handling": handling,
-        "prediction": score(pred, seqs["pred"], truth, seqs["gt"]),
+        "prediction": score(pred, seqs["pred"], truth, seqs["gt"], encoder),
         "baselines": {
-            name: score(f, s, truth, seqs["gt"]) for name, (f, s) in baselines(truth, seqs["gt"], landmarker).items()
+            name: score(f, s, truth, seqs["gt"], encoder)
+            for name, (f, s) in baselines(truth, seqs["gt"], landmarker).items()
         },
-        "not_computed": {name: NOT_COMPUTED for name in ("csim", "fid", "lpips", "tlp", "lse_c", "lse_d")},
+        "not_computed": {**not_computed, **{name: NOT_COMPUTED for name in ("fid", "lpips", "tlp", "lse_c", "lse_d")}},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     _plots(report, pred, seqs["pred"], truth, seqs["gt"], out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=1, default=_json_number) + "\n")
     (out_dir / "report.md").write_text(markdown(report))
     return report
+
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+
+
+def evaluate_folder(pred_dir, gt_dir, landmarker: Landmarker, out_dir, fps: float = 25.0) -> dict:
+    """Batch mode: every video in `pred_dir` against the ground-truth video of the same name (any video suffix) in
+    `gt_dir`; one report per pair in `out_dir/<name>/`, and `summary.json` / `summary.md` with the means."""
+    pred_dir, gt_dir, out_dir = Path(pred_dir), Path(gt_dir), Path(out_dir)
+    truths = {p.stem: p for p in sorted(gt_dir.iterdir()) if p.suffix.lower() in VIDEO_SUFFIXES}
+    preds = [p for p in sorted(pred_dir.iterdir()) if p.suffix.lower() in VIDEO_SUFFIXES]
+    pairs = [(p, truths[p.stem]) for p in preds if p.stem in truths]
+    if not pairs:
+        raise LmdiffInputError(f"no video in {pred_dir} has a ground truth of the same name in {gt_dir}")
+    reports = {p.stem: evaluate(p, g, landmarker, out_dir / p.stem, fps) for p, g in pairs}
+    rows = {"**prediction**": "prediction", **{name: name for name in next(iter(reports.values()))["baselines"]}}
+    means = {}
+    for label, key in rows.items():
+        values = [r["prediction"] if key == "prediction" else r["baselines"][key] for r in reports.values()]
+        means[label] = {k: float(np.mean([v[k] for v in values])) for k in TABLE_KEYS}
+    summary = {
+        "pairs": {name: [str(p), str(g)] for (p, g), name in zip(pairs, reports)},
+        "unmatched": [str(p) for p in preds if p.stem not in truths],
+        "means": means,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_number) + "\n")
+    lines = [f"# lmdiff eval: {len(pairs)} pairs, means", "", "| video | " + " | ".join(TABLE_KEYS) + " |"]
+    lines.append("|---" * (len(TABLE_KEYS) + 1) + "|")
+    lines += [f"| {label} | " + " | ".join(f"{v[k]:.4g}" for k in TABLE_KEYS) + " |" for label, v in means.items()]
+    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def _identity_encoder():
+    """(encoder, {}) or (None, {"csim": why not})."""
+    try:
+        return metrics.IdentityEncoder(), {}
+    except ImportError:
+        return None, {"csim": "not computed: dlib is not installed (pip install lmdiff[dlib])"}
 
 
 def _json_number(value):
@@ -168,6 +214,7 @@ TABLE_KEYS = (
     "frame_difference_error_mouth",
     "landmark_jitter_ratio",
     "cpbd",
+    "csim",
 )
 
 
@@ -176,7 +223,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# lmdiff eval: {Path(report['pred']).name} vs {Path(report['gt']).name}",
         "",
-        f"{report['frames']} frames at {report['fps']:g} fps; landmarks by {report['landmarker']}; "
+        f"{report['frames']} frames at {report['fps']:g} fps; landmarks by {report['landmarker']}; CSIM by "
+        f"{report['identity_embedding']}; "
         f"handling: {json.dumps(report['handling'])}",
         "",
         "| video | " + " | ".join(TABLE_KEYS) + " |",

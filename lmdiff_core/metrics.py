@@ -13,6 +13,8 @@ Frames are float tensors [T, 3, H, W] in [0, 1] (or uint8 [T, H, W, 3] arrays, c
 - `landmark_jitter`: mean second difference of landmark positions (inter-ocular units per frame^2); compare the
   prediction's with the ground truth's.
 - `cpbd`: cumulative probability of blur detection (Narvekar & Karam 2011), a no-reference sharpness in [0, 1].
+- `IdentityEncoder` / `csim`: cosine similarity of face identity embeddings (dlib's face descriptor, which ships with
+  the `dlib` extra; ArcFace through insightface is for a later release).
 """
 
 from __future__ import annotations
@@ -176,3 +178,43 @@ def cpbd(frame) -> float:
         return 0.0
     p = np.concatenate(probabilities)
     return float((p <= CPBD_P_JNB).mean())
+
+
+# -- identity -----------------------------------------------------------------------------------------------------------
+class IdentityEncoder:
+    """dlib's 128-d face descriptor (ResNet, from the face_recognition_models package) of a face given by its 68
+    landmarks; `name` says which embedding a report used."""
+
+    name = "dlib_face_descriptor"
+
+    def __init__(self):
+        import dlib
+
+        from .detectors import dlib_model_path
+
+        self._dlib = dlib
+        self._model = dlib.face_recognition_model_v1(str(dlib_model_path("dlib_face_recognition_resnet_model_v1.dat")))
+
+    def __call__(self, frame: np.ndarray, points68: np.ndarray) -> np.ndarray:
+        """Unit-length descriptor [128] of the face with iBUG-68 points [68, 2+] in the uint8 RGB frame."""
+        dlib = self._dlib
+        xy = np.asarray(points68)[:, :2]
+        left, top = xy.min(axis=0)
+        right, bottom = xy.max(axis=0)
+        box = dlib.rectangle(int(left), int(top), int(right), int(bottom))
+        shape = dlib.full_object_detection(box, [dlib.point(int(round(x)), int(round(y))) for x, y in xy])
+        vector = np.asarray(self._model.compute_face_descriptor(np.ascontiguousarray(frame), shape))
+        return vector / max(np.linalg.norm(vector), 1e-12)
+
+
+def csim(
+    encoder: IdentityEncoder, pred: np.ndarray, pred_seq: LandmarkSequence, truth: np.ndarray, truth_seq, samples=8
+) -> float:
+    """Mean cosine similarity of the identity embeddings of `samples` frames (uint8 [T, H, W, 3]) of prediction and
+    ground truth, at frames where both have a detected face."""
+    pred68, truth68 = pred_seq.to_topology("ibug68"), truth_seq.to_topology("ibug68")
+    usable = np.flatnonzero(pred68.valid & truth68.valid)
+    if usable.size == 0:
+        return float("nan")
+    picks = usable[np.linspace(0, len(usable) - 1, min(samples, len(usable))).round().astype(int)]
+    return float(np.mean([encoder(pred[i], pred68.points[i]) @ encoder(truth[i], truth68.points[i]) for i in picks]))

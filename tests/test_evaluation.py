@@ -45,7 +45,9 @@ def test_eval_report(videos, mediapipe_model, capsys):
     assert base["first_frame_held"]["psnr"] < base["frozen_lower_face"]["psnr"]
     assert base["frozen_lower_face"]["psnr_mouth"] < base["frozen_lower_face"]["psnr"]
     assert len(report["prediction"]["per_frame_psnr"]) == 32
-    assert report["not_computed"]["fid"] == "not computed: no weights"
+    assert report["not_computed"]["fid"] == "not computed: no weights" and "csim" not in report["not_computed"]
+    assert report["identity_embedding"] == "dlib_face_descriptor"
+    assert truth["csim"] == pytest.approx(1.0, abs=1e-6) and 0.8 < report["prediction"]["csim"] < 1.0
     table = (out / "report.md").read_text()
     assert "**prediction**" in table and "frozen_lower_face" in table
     assert f"{report['prediction']['psnr_mouth']:.4g}" in table
@@ -60,3 +62,21 @@ def test_eval_bad_inputs(videos, tmp_path, mediapipe_model, capsys):
     blank = write_video(tmp_path / "blank.mp4", np.full((20, 128, 128, 3), 90, np.uint8), 25)
     assert main(["eval", "--pred", str(blank), "--gt", str(gt), *common]) == 2
     assert "face" in capsys.readouterr().err.lower()
+
+
+def test_eval_batch_mode(videos, tmp_path, mediapipe_model):
+    root, pred, gt = videos
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "gt").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "pred" / f"{name}.mp4").write_bytes(pred.read_bytes())
+        (tmp_path / "gt" / f"{name}.mp4").write_bytes(gt.read_bytes())
+    (tmp_path / "pred" / "extra.mp4").write_bytes(pred.read_bytes())  # no ground truth: listed, not scored
+    out = tmp_path / "reports"
+    args = ["eval", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "-o", str(out)]
+    assert main([*args, "--model", str(mediapipe_model)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["pairs"]) == ["a", "b"] and summary["unmatched"][0].endswith("extra.mp4")
+    single = json.loads((out / "a" / "metrics.json").read_text())
+    assert summary["means"]["**prediction**"]["psnr_mouth"] == pytest.approx(single["prediction"]["psnr_mouth"])
+    assert (out / "summary.md").read_text().count("\n| ") == 6  # header + the prediction + 4 baselines

@@ -106,6 +106,19 @@ def test_cpbd_falls_monotonically_with_blur():
         assert 0.2 < scores[0] <= 1.0
 
 
+def test_csim_same_person_above_other_person(clip, mediapipe_model):
+    frames, seq = clip
+    other = np.stack(list(iter_frames(shared_path("data/clips/cnn_anchor_en.mp4"), 25.0, max_frames=len(frames))))
+    with load_landmarker("mediapipe", mediapipe_model, num_faces=1) as landmarker:
+        other_seq = extract_landmarks(other, landmarker, 25.0)
+    encoder = metrics.IdentityEncoder()
+    assert metrics.csim(encoder, frames, seq, frames, seq) == pytest.approx(1.0, abs=1e-6)
+    later = np.arange(len(frames))[::-1]  # the same person, other frames
+    same = metrics.csim(encoder, frames[later], seq[later], frames, seq)
+    different = metrics.csim(encoder, other, other_seq, frames, seq)
+    assert 0.85 < same < 1.0 and different < same - 0.05, (same, different)
+
+
 def test_shape_mismatch_is_a_clear_error(clip):
     frames, _ = clip
     with pytest.raises(LmdiffInputError, match="differ in shape"):
