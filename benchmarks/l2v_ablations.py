@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ import torch
 import yaml
 from bench_landmarks import machine
 
+from lmdiff_core import metrics
 from lmdiff_core.autoencoders import load_autoencoder
 from lmdiff_core.checkpoints import BUNDLED_L2V
 from lmdiff_core.crop import crop_frames, face_masks
@@ -96,14 +96,6 @@ IDENTITY_CONFIG = {
 }
 
 
-def psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-    """PSNR (dB) of images in [0, 1], inside `mask` when given."""
-    m = torch.ones_like(pred[:, :1]) if mask is None else mask
-    m = m.expand_as(pred)
-    mse = float(((pred - target) ** 2 * m).sum() / m.sum().clamp(min=1))
-    return 10 * math.log10(1.0 / max(mse, 1e-10))
-
-
 # -- identity ------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def score_identity(pipeline: LandmarkToVideoPipeline, dataset: L2VFrameDataset, items: int, steps: int) -> dict:
@@ -131,9 +123,9 @@ def score_identity(pipeline: LandmarkToVideoPipeline, dataset: L2VFrameDataset, 
         mouths.append(item["mouth_mask"])
     d, o, t, m = (torch.cat(x) for x in (dub, one_shot, targets, mouths))
     return {
-        "dub_mouth_psnr": psnr(d, t, m),
-        "one_shot_crop_psnr": psnr(o, t),
-        "one_shot_mouth_psnr": psnr(o, t, m),
+        "dub_mouth_psnr": metrics.psnr(d, t, m),
+        "one_shot_crop_psnr": metrics.psnr(o, t),
+        "one_shot_mouth_psnr": metrics.psnr(o, t, m),
         "frames": len(t),
     }
 
@@ -189,11 +181,10 @@ def temporal_scores(pred: torch.Tensor, truth: torch.Tensor, mouth: torch.Tensor
     """pred, truth [T, 3, S, S] in [0, 1]; mouth [1, 1, S, S] region (fixed over time)."""
     dp, dt = pred.diff(dim=0), truth.diff(dim=0)
     m = mouth.expand_as(dp)
-    area = m.sum().clamp(min=1)
-    change_error = float((((dp - dt) ** 2) * m).sum() / area) ** 0.5 * 255
+    change_error = metrics.frame_difference_error(pred, truth, mouth) ** 0.5 * 255
     flicker = float((dp.abs() * m).sum() / ((dt.abs() * m).sum()).clamp(min=1e-8))
     return {
-        "mouth_psnr": psnr(pred, truth, mouth.expand(len(pred), -1, -1, -1)),
+        "mouth_psnr": metrics.psnr(pred, truth, mouth),
         "temporal_error_8bit": change_error,
         "flicker_ratio": flicker,
     }

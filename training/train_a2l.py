@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from trainer_common import TrainingStep, global_random, latest_checkpoint, run_training_steps
+from trainer_common import TrainingStep, global_random, load_config, resume_checkpoint, run_training_steps
 
 from lmdiff_core.audio_features import load_feature_extractor
 from lmdiff_core.dataset import A2LWindowDataset, clip_arrays, dataset_motion_stats, load_index
@@ -34,14 +34,8 @@ from lmdiff_core.pipelines.a2l import AudioToLandmarksPipeline
 MODEL_CLASSES = {"A2LLSTM": A2LLSTM, "A2LDiffusion": A2LDiffusion}
 
 
-def load_config(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise LmdiffInputError(f"training config {path} does not exist")
-    config = yaml.safe_load(path.read_text())
-    for section in ("model", "data", "train"):
-        if section not in config:
-            raise LmdiffInputError(f"training config {path} has no '{section}' section")
+def load_a2l_config(path) -> dict:
+    config = load_config(path)
     if config["model"].get("class") not in MODEL_CLASSES:
         raise LmdiffInputError(f"{path}: model.class must be one of {sorted(MODEL_CLASSES)}")
     return config
@@ -172,16 +166,12 @@ def train(args) -> int:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    config = load_config(args.config)
+    config = load_a2l_config(args.config)
     train_cfg, data_cfg = config["train"], config["data"]
     max_steps = args.max_steps or train_cfg["max_steps"]
     run_dir, data_dir = Path(args.out), Path(args.data)
     index = load_index(data_dir)
-    resume_from = latest_checkpoint(run_dir) if args.resume else None
-    if args.resume and resume_from is None:
-        raise LmdiffInputError(f"--resume: {run_dir} has no checkpoint to resume from")
-    if not args.resume and latest_checkpoint(run_dir) is not None:
-        raise LmdiffInputError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    resume_from = resume_checkpoint(run_dir, args.resume)
 
     accelerator = Accelerator(
         mixed_precision=train_cfg.get("mixed_precision", "no"),

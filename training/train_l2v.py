@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
-from trainer_common import TrainingStep, global_random, latest_checkpoint, run_training_steps
+from trainer_common import TrainingStep, global_random, load_config, resume_checkpoint, run_training_steps
 
 from lmdiff_core.autoencoders import load_autoencoder
 from lmdiff_core.errors import LmdiffInputError
@@ -34,17 +34,6 @@ from lmdiff_core.pipelines.l2v import LandmarkToVideoPipeline, sample_window
 from lmdiff_core.pipelines.schedulers import make_scheduler
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
-
-
-def load_config(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise LmdiffInputError(f"training config {path} does not exist")
-    config = yaml.safe_load(path.read_text())
-    for section in ("model", "data", "train"):
-        if section not in config:
-            raise LmdiffInputError(f"training config {path} has no '{section}' section")
-    return config
 
 
 def build_unet(config: dict, autoencoder) -> L2VUNet:
@@ -234,11 +223,7 @@ def train(args) -> int:
     train_cfg, data_cfg = config["train"], config["data"]
     max_steps = args.max_steps or train_cfg["max_steps"]
     run_dir, data_dir = Path(args.out), Path(args.data)
-    resume_from = latest_checkpoint(run_dir) if args.resume else None
-    if args.resume and resume_from is None:
-        raise LmdiffInputError(f"--resume: {run_dir} has no checkpoint to resume from")
-    if not args.resume and latest_checkpoint(run_dir) is not None:
-        raise LmdiffInputError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    resume_from = resume_checkpoint(run_dir, args.resume)
     ae_path = args.autoencoder or config.get("autoencoder")
     if not ae_path:
         raise LmdiffInputError("no autoencoder: pass --autoencoder PATH (a TAESD-family folder or a VAE file)")

@@ -1,4 +1,5 @@
-"""Pieces both trainers share: the saved step counter, per-step global randomness, full-state checkpoints."""
+"""Pieces both trainers share: the config file, the saved step counter, per-step global randomness, full-state
+checkpoints and the run folder's protection."""
 
 from __future__ import annotations
 
@@ -6,8 +7,23 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
+
+from lmdiff_core.errors import LmdiffInputError
 
 KEEP_CHECKPOINTS = 2
+
+
+def load_config(path) -> dict:
+    """A training config (YAML) with its model, data and train sections."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmdiffInputError(f"training config {path} does not exist")
+    config = yaml.safe_load(path.read_text())
+    for section in ("model", "data", "train"):
+        if section not in config:
+            raise LmdiffInputError(f"training config {path} has no '{section}' section")
+    return config
 
 
 class TrainingStep:
@@ -41,6 +57,16 @@ def global_random(step: int, seed: int, batch: int, shape: tuple, rank: int, wor
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = sorted((run_dir / "checkpoints").glob("step_*"))
     return found[-1] if found else None
+
+
+def resume_checkpoint(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a new run); a new run never goes into a folder that holds one."""
+    latest = latest_checkpoint(run_dir)
+    if resume and latest is None:
+        raise LmdiffInputError(f"--resume: {run_dir} has no checkpoint to resume from")
+    if not resume and latest is not None:
+        raise LmdiffInputError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    return latest
 
 
 def save_checkpoint(accelerator, run_dir: Path, step: int) -> None:
