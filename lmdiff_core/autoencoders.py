@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 from pathlib import Path
 
@@ -28,11 +27,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, AutoencoderTiny
 from diffusers.models.unets.unet_2d_blocks import AutoencoderTinyBlock
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from .errors import LmdiffInputError
+from .weights import read_state_dict
 
 KINDS = ("taesd", "taef1", "taef2", "kl", "pixel")
 PIXEL_DOWNSCALE = 4
@@ -255,27 +253,9 @@ def _tae_pair_in_folder(folder: Path) -> tuple[Path, Path] | None:
     return None
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file (safetensors) or a .pth state dict (torch.load with weights_only=True)."""
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError) as error:
-            raise LmdiffInputError(f"cannot read {path} as a .safetensors file: {error}") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
-        state = None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise LmdiffInputError(
-            f"{path} is not a state dict of tensors readable by torch.load(weights_only=True) (pickled code is refused)"
-        )
-    return state
-
-
 def _tae_layers(path: Path) -> dict[int, dict[str, torch.Tensor]]:
     """A taesd.py-layout state dict ("<layer index>.<name>") grouped by layer index, as float32."""
-    state = _read_state_dict(path)
+    state = read_state_dict(path, "autoencoder weights")
     layers: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         match = _TAE_KEY.match(key)
@@ -375,7 +355,7 @@ def _load_diffusers_folder(folder: Path, kind: str) -> LatentAutoencoder:
 def _load_single_file_kl(path: Path, kind: str) -> LatentAutoencoder:
     """An SD-style AutoencoderKL .safetensors (LDM keys, optionally under first_stage_model. or vae.), offline: the
     LDM config diffusers needs is derived from the weight shapes, so nothing is downloaded."""
-    state = _read_state_dict(path)
+    state = read_state_dict(path, "autoencoder weights")
     conv_in = next((key for key in state if _LDM_ENCODER_CONV_IN.match(key)), None)
     if conv_in is None:
         raise LmdiffInputError(

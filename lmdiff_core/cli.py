@@ -361,19 +361,29 @@ def _talking_head(args, audio: np.ndarray, out: Path, image=None, video=None) ->
 
 
 def cmd_eval(args) -> None:
-    from .evaluation import evaluate, evaluate_folder
+    from .evaluation import EvalNetworks, EvalWeights, evaluate, evaluate_folder
 
     pred, gt = Path(args.pred), Path(args.gt)
+    weights = EvalWeights(
+        arcface=args.arcface,
+        inception=args.inception,
+        lpips=args.lpips,
+        lpips_linear=args.lpips_linear,
+        lpips_net=args.lpips_net,
+        syncnet=args.syncnet,
+    )
     if pred.is_dir() and gt.is_dir():
+        networks = EvalNetworks(weights)
         with _open_landmarker(args, video=True) as landmarker:
-            summary = evaluate_folder(pred, gt, landmarker, args.output, fps=args.fps)
+            summary = evaluate_folder(pred, gt, landmarker, args.output, fps=args.fps, networks=networks)
         print(f"{args.output}: {len(summary['pairs'])} pairs scored, means in summary.md")
         return
     for name, path in (("--pred", pred), ("--gt", gt)):
         if not path.is_file():
             raise LmdiffInputError(f"{name} {path} is not a video file (give two files, or two folders)")
+    networks = EvalNetworks(weights)
     with _open_landmarker(args, video=True) as landmarker:
-        report = evaluate(pred, gt, landmarker, args.output, fps=args.fps)
+        report = evaluate(pred, gt, landmarker, args.output, fps=args.fps, networks=networks)
     p, b = report["prediction"], report["baselines"]
     print(
         f"{args.output}: {report['frames']} frames; mouth PSNR {p['psnr_mouth']:.2f} dB (frozen lower face "
@@ -517,6 +527,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", required=True, help="generated video, or a folder of them")
     p.add_argument("--gt", required=True, help="ground-truth video, or a folder with a video of the same name each")
     p.add_argument("-o", "--output", required=True, help="report folder (metrics.json, report.md, plots)")
+    weights = p.add_argument_group("learned metrics (each runs only when its weights are given; nothing is downloaded)")
+    weights.add_argument("--arcface", help="ArcFace .onnx of an insightface pack (e.g. w600k_r50.onnx) for CSIM")
+    weights.add_argument("--inception", help="FID Inception weights (pytorch-fid's pt_inception-2015-12-05-*.pth)")
+    weights.add_argument("--lpips", help="LPIPS backbone weights (torchvision alexnet/vgg16 file) for LPIPS and tLP")
+    weights.add_argument("--lpips-linear", help="LPIPS linear heads (the lpips package's weights/v0.1/alex.pth)")
+    weights.add_argument("--lpips-net", choices=("alex", "vgg"), default="alex", help="LPIPS backbone (default alex)")
+    weights.add_argument("--syncnet", help="SyncNet weights (syncnet_python's syncnet_v2.model) for LSE-C / LSE-D")
     _add_detector_args(p)
     p.set_defaults(func=cmd_eval)
 

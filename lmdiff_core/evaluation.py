@@ -8,12 +8,17 @@ lips); the ground truth delayed by 5 frames (audio and video shifted by 0.2 s).
 Handling of mismatched inputs (recorded under "handling" in the report): a prediction of another frame size is resized
 to the ground truth's; videos of different lengths are truncated to the shorter; frames where no face is found are
 filled from their neighbours by the landmark tracker and their share is reported as the face rate.
+
+Learned metrics run when their weights are given (`EvalWeights`; nothing is downloaded): CSIM by ArcFace (else dlib's
+face descriptor), FID and LPIPS / tLP (`learned_metrics`), LSE-C / LSE-D with SyncNet (`syncnet`; the prediction's own
+audio track, or the ground truth's when it has none). Without weights a report says "not computed: no weights".
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +30,72 @@ from .crop import masks_from_points
 from .detectors import Landmarker, extract_landmarks
 from .errors import LmdiffInputError
 from .landmarks import LandmarkSequence
-from .media import iter_frames
+from .media import iter_frames, read_audio
 
 SHIFT_FRAMES = 5
 CHUNK = 32
 NOT_COMPUTED = "not computed: no weights"
+
+
+@dataclass
+class EvalWeights:
+    """Paths of the weights of the learned metrics (None: that metric is not computed)."""
+
+    arcface: str | Path | None = None  # ArcFace .onnx of an insightface pack (w600k_r50.onnx)
+    inception: str | Path | None = None  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth
+    lpips: str | Path | None = None  # torchvision's alexnet/vgg16 backbone file (or a combined LPIPS state dict)
+    lpips_linear: str | Path | None = None  # the lpips package's weights/v0.1/alex.pth or vgg.pth
+    lpips_net: str = "alex"
+    syncnet: str | Path | None = None  # syncnet_python's syncnet_v2.model
+
+
+class EvalNetworks:
+    """The networks of `EvalWeights`, loaded once (for a whole folder of pairs); `not_computed` says what is missing."""
+
+    def __init__(self, weights: EvalWeights | None = None, device: str = "cpu"):
+        from . import learned_metrics, syncnet
+
+        weights = weights or EvalWeights()
+        self.not_computed: dict[str, str] = {}
+        if weights.arcface is not None:
+            self.encoder = metrics.ArcFaceEncoder(weights.arcface)
+        else:
+            try:
+                self.encoder = metrics.IdentityEncoder()
+            except ImportError:
+                self.encoder = None
+                self.not_computed["csim"] = "not computed: dlib is not installed (pip install lmdiff[dlib])"
+        self.inception = (
+            None if weights.inception is None else learned_metrics.load_inception(weights.inception, device)
+        )
+        self.lpips = (
+            None
+            if weights.lpips is None
+            else learned_metrics.load_lpips(weights.lpips, weights.lpips_linear, weights.lpips_net, device)
+        )
+        self.syncnet = None if weights.syncnet is None else syncnet.load_syncnet(weights.syncnet, device)
+        for names, net in (
+            (("fid",), self.inception),
+            (("lpips", "tlp"), self.lpips),
+            (("lse_c", "lse_d"), self.syncnet),
+        ):
+            if net is None:
+                self.not_computed.update(dict.fromkeys(names, NOT_COMPUTED))
+
+
+def _learned_scores(pred, pred_seq, truth, networks: EvalNetworks, audio) -> dict:
+    from . import learned_metrics, syncnet
+
+    out = {}
+    if networks.inception is not None:
+        out["fid"] = learned_metrics.fid(pred, truth, networks.inception)
+    if networks.lpips is not None:
+        out["lpips"] = float(learned_metrics.lpips(pred, truth, networks.lpips).mean())
+        out["tlp"] = learned_metrics.tlp(pred, truth, networks.lpips)
+    if networks.syncnet is not None and audio is not None:
+        sync = syncnet.lse(pred, audio, pred_seq, networks.syncnet)
+        out.update(lse_c=sync["lse_c"], lse_d=sync["lse_d"], sync_offset=sync["offset"])
+    return out
 
 
 def _read(path: Path, fps: float) -> np.ndarray:
@@ -55,10 +121,16 @@ def _masks(seq: LandmarkSequence, parts: tuple[str, ...]) -> dict[str, torch.Ten
 
 
 def score(
-    pred: np.ndarray, pred_seq: LandmarkSequence, truth: np.ndarray, truth_seq: LandmarkSequence, encoder=None
+    pred: np.ndarray,
+    pred_seq: LandmarkSequence,
+    truth: np.ndarray,
+    truth_seq: LandmarkSequence,
+    networks: EvalNetworks | None = None,
+    audio: np.ndarray | None = None,
 ) -> dict:
     """Metrics of `pred` (uint8 [T, H, W, 3]) with its landmarks against the ground truth's (same shape and length);
-    CSIM with `encoder` (a `metrics.IdentityEncoder`) when given."""
+    CSIM and the learned metrics with the `networks` that are loaded (LSE with `audio`, 16 kHz mono)."""
+    encoder = None if networks is None else networks.encoder
     mouth = _masks(truth_seq, ("mouth",))["mouth"]
     per_frame, sums = [], {"full": 0.0, "mouth": 0.0, "mouth_area": 0.0, "ssim": 0.0, "ssim_mouth": 0.0}
     for start in range(0, len(truth), CHUNK):
@@ -86,6 +158,7 @@ def score(
         "landmark_jitter_ratio": jitter_pred / max(jitter_truth, 1e-12),
         "cpbd": float(np.mean([metrics.cpbd(f) for f in pred[:: max(1, len(pred) // 8)]])),
         "csim": float("nan") if encoder is None else metrics.csim(encoder, pred, pred_seq, truth, truth_seq),
+        **({} if networks is None else _learned_scores(pred, pred_seq, truth, networks, audio)),
         "per_frame_psnr": per_frame,
     }
 
@@ -119,9 +192,23 @@ def baselines(
     }
 
 
-def evaluate(pred_path, gt_path, landmarker: Landmarker, out_dir, fps: float = 25.0) -> dict:
-    """Score `pred_path` against `gt_path` and write the report into `out_dir` (see the module docstring)."""
+def _speech(pred_path: Path, gt_path: Path) -> tuple[np.ndarray | None, str | None]:
+    """(16 kHz mono audio, its source) for LSE: the prediction's own track, else the ground truth's."""
+    for path in (pred_path, gt_path):
+        try:
+            return read_audio(path), str(path)
+        except LmdiffInputError:
+            continue
+    return None, None
+
+
+def evaluate(
+    pred_path, gt_path, landmarker: Landmarker, out_dir, fps: float = 25.0, networks: EvalNetworks | None = None
+) -> dict:
+    """Score `pred_path` against `gt_path` and write the report into `out_dir` (see the module docstring);
+    `networks` (default: dlib CSIM only) says which learned metrics run."""
     pred_path, gt_path, out_dir = Path(pred_path), Path(gt_path), Path(out_dir)
+    networks = EvalNetworks() if networks is None else networks
     pred, truth = _read(pred_path, fps), _read(gt_path, fps)
     handling = {"pred_frames": len(pred), "gt_frames": len(truth)}
     if pred.shape[1:3] != truth.shape[1:3]:
@@ -137,7 +224,13 @@ def evaluate(pred_path, gt_path, landmarker: Landmarker, out_dir, fps: float = 2
     for name, frames, path in (("pred", pred, pred_path), ("gt", truth, gt_path)):
         seqs[name] = extract_landmarks(frames, landmarker, fps, source=str(path))
         handling[f"{name}_face_rate"] = float(np.mean(seqs[name].valid & ~seqs[name].interpolated))
-    encoder, not_computed = _identity_encoder()
+    not_computed = dict(networks.not_computed)
+    audio, audio_source = None, None
+    if networks.syncnet is not None:
+        audio, audio_source = _speech(pred_path, gt_path)
+        if audio is None:
+            not_computed.update(dict.fromkeys(("lse_c", "lse_d"), "not computed: neither video has an audio track"))
+    encoder = networks.encoder
     report = {
         "pred": str(pred_path),
         "gt": str(gt_path),
@@ -145,13 +238,14 @@ def evaluate(pred_path, gt_path, landmarker: Landmarker, out_dir, fps: float = 2
         "fps": fps,
         "landmarker": type(landmarker).__name__,
         "identity_embedding": None if encoder is None else encoder.name,
+        "sync_audio": audio_source,
         "handling": handling,
-        "prediction": score(pred, seqs["pred"], truth, seqs["gt"], encoder),
+        "prediction": score(pred, seqs["pred"], truth, seqs["gt"], networks, audio),
         "baselines": {
-            name: score(f, s, truth, seqs["gt"], encoder)
+            name: score(f, s, truth, seqs["gt"], networks, audio)
             for name, (f, s) in baselines(truth, seqs["gt"], landmarker).items()
         },
-        "not_computed": {**not_computed, **{name: NOT_COMPUTED for name in ("fid", "lpips", "tlp", "lse_c", "lse_d")}},
+        "not_computed": not_computed,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     _plots(report, pred, seqs["pred"], truth, seqs["gt"], out_dir)
@@ -163,7 +257,9 @@ def evaluate(pred_path, gt_path, landmarker: Landmarker, out_dir, fps: float = 2
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 
 
-def evaluate_folder(pred_dir, gt_dir, landmarker: Landmarker, out_dir, fps: float = 25.0) -> dict:
+def evaluate_folder(
+    pred_dir, gt_dir, landmarker: Landmarker, out_dir, fps: float = 25.0, networks: EvalNetworks | None = None
+) -> dict:
     """Batch mode: every video in `pred_dir` against the ground-truth video of the same name (any video suffix) in
     `gt_dir`; one report per pair in `out_dir/<name>/`, and `summary.json` / `summary.md` with the means."""
     pred_dir, gt_dir, out_dir = Path(pred_dir), Path(gt_dir), Path(out_dir)
@@ -172,31 +268,25 @@ def evaluate_folder(pred_dir, gt_dir, landmarker: Landmarker, out_dir, fps: floa
     pairs = [(p, truths[p.stem]) for p in preds if p.stem in truths]
     if not pairs:
         raise LmdiffInputError(f"no video in {pred_dir} has a ground truth of the same name in {gt_dir}")
-    reports = {p.stem: evaluate(p, g, landmarker, out_dir / p.stem, fps) for p, g in pairs}
+    networks = EvalNetworks() if networks is None else networks
+    reports = {p.stem: evaluate(p, g, landmarker, out_dir / p.stem, fps, networks) for p, g in pairs}
+    keys = table_keys(next(iter(reports.values())))
     rows = {"**prediction**": "prediction", **{name: name for name in next(iter(reports.values()))["baselines"]}}
     means = {}
     for label, key in rows.items():
         values = [r["prediction"] if key == "prediction" else r["baselines"][key] for r in reports.values()]
-        means[label] = {k: float(np.mean([v[k] for v in values])) for k in TABLE_KEYS}
+        means[label] = {k: float(np.mean([v[k] for v in values])) for k in keys}
     summary = {
         "pairs": {name: [str(p), str(g)] for (p, g), name in zip(pairs, reports)},
         "unmatched": [str(p) for p in preds if p.stem not in truths],
         "means": means,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_number) + "\n")
-    lines = [f"# lmdiff eval: {len(pairs)} pairs, means", "", "| video | " + " | ".join(TABLE_KEYS) + " |"]
-    lines.append("|---" * (len(TABLE_KEYS) + 1) + "|")
-    lines += [f"| {label} | " + " | ".join(f"{v[k]:.4g}" for k in TABLE_KEYS) + " |" for label, v in means.items()]
+    lines = [f"# lmdiff eval: {len(pairs)} pairs, means", "", "| video | " + " | ".join(keys) + " |"]
+    lines.append("|---" * (len(keys) + 1) + "|")
+    lines += [f"| {label} | " + " | ".join(f"{v[k]:.4g}" for k in keys) + " |" for label, v in means.items()]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
     return summary
-
-
-def _identity_encoder():
-    """(encoder, {}) or (None, {"csim": why not})."""
-    try:
-        return metrics.IdentityEncoder(), {}
-    except ImportError:
-        return None, {"csim": "not computed: dlib is not installed (pip install lmdiff[dlib])"}
 
 
 def _json_number(value):
@@ -216,10 +306,17 @@ TABLE_KEYS = (
     "cpbd",
     "csim",
 )
+LEARNED_TABLE_KEYS = ("fid", "lpips", "tlp", "lse_c", "lse_d")
+
+
+def table_keys(report: dict) -> tuple[str, ...]:
+    """The columns of a report's table: the fixed ones and the learned metrics it has."""
+    return TABLE_KEYS + tuple(k for k in LEARNED_TABLE_KEYS if k in report["prediction"])
 
 
 def markdown(report: dict) -> str:
     """The report's table: the prediction and every baseline, one row each."""
+    keys = table_keys(report)
     lines = [
         f"# lmdiff eval: {Path(report['pred']).name} vs {Path(report['gt']).name}",
         "",
@@ -227,13 +324,16 @@ def markdown(report: dict) -> str:
         f"{report['identity_embedding']}; "
         f"handling: {json.dumps(report['handling'])}",
         "",
-        "| video | " + " | ".join(TABLE_KEYS) + " |",
-        "|---" * (len(TABLE_KEYS) + 1) + "|",
+        "| video | " + " | ".join(keys) + " |",
+        "|---" * (len(keys) + 1) + "|",
     ]
     rows = {"**prediction**": report["prediction"], **report["baselines"]}
     for name, values in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{values[k]:.4g}" for k in TABLE_KEYS) + " |")
-    lines += ["", "Not computed (no weights given): " + ", ".join(report["not_computed"]), ""]
+        lines.append(f"| {name} | " + " | ".join(f"{values[k]:.4g}" for k in keys) + " |")
+    if report["not_computed"]:
+        missing = ", ".join(f"{k} ({why})" for k, why in report["not_computed"].items())
+        lines += ["", f"Not computed: {missing}"]
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -13,8 +13,8 @@ Frames are float tensors [T, 3, H, W] in [0, 1] (or uint8 [T, H, W, 3] arrays, c
 - `landmark_jitter`: mean second difference of landmark positions (inter-ocular units per frame^2); compare the
   prediction's with the ground truth's.
 - `cpbd`: cumulative probability of blur detection (Narvekar & Karam 2011), a no-reference sharpness in [0, 1].
-- `IdentityEncoder` / `csim`: cosine similarity of face identity embeddings (dlib's face descriptor, which ships with
-  the `dlib` extra; ArcFace through insightface is for a later release).
+- `IdentityEncoder`, `ArcFaceEncoder` / `csim`: cosine similarity of face identity embeddings: dlib's face descriptor
+  (ships with the `dlib` extra), or the ArcFace model of an insightface pack given as a path (run by onnxruntime).
 """
 
 from __future__ import annotations
@@ -207,8 +207,86 @@ class IdentityEncoder:
         return vector / max(np.linalg.norm(vector), 1e-12)
 
 
+# ArcFace's 5-point template for 112 x 112 crops (insightface `arcface_dst`): eye centres, nose tip, mouth corners.
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
+)
+ARCFACE_SIZE = 112
+
+
+def five_points(points68: np.ndarray) -> np.ndarray:
+    """ArcFace's 5 keypoints [5, 2] (image-left eye first) from iBUG-68 points [68, 2+]."""
+    xy = np.asarray(points68, dtype=np.float64)[:, :2]
+    return np.stack([xy[36:42].mean(0), xy[42:48].mean(0), xy[30], xy[48], xy[54]])
+
+
+def arcface_alignment(points68: np.ndarray) -> np.ndarray:
+    """The 2 x 3 similarity (least squares, as insightface's `norm_crop`) taking the face's 5 keypoints to the
+    template."""
+    from .canonical import umeyama
+
+    pad = lambda xy: np.concatenate([xy, np.zeros((5, 1))], axis=1)[None]  # noqa: E731
+    s, r, t = umeyama(pad(five_points(points68)), pad(ARCFACE_TEMPLATE))
+    return np.concatenate([s[0] * r[0, :2, :2], t[0, :2, None]], axis=1)
+
+
+class ArcFaceEncoder:
+    """ArcFace embedding (e.g. `w600k_r50.onnx` of insightface's buffalo_l pack, `glintr100.onnx` of antelopev2) of a
+    face given by its 68 landmarks: aligned to 112 x 112 by the 5-point similarity, RGB normalised by `input_mean` and
+    `input_std` (insightface's values for these packs), run with onnxruntime."""
+
+    def __init__(self, model_path, input_mean: float = 127.5, input_std: float = 127.5):
+        from pathlib import Path
+
+        path = Path(model_path).expanduser()
+        if not path.is_file():
+            raise LmdiffInputError(f"ArcFace model {path} does not exist (expected an .onnx file, e.g. w600k_r50.onnx)")
+        try:
+            import onnxruntime
+        except ImportError as err:
+            raise LmdiffInputError("ArcFace CSIM needs onnxruntime: pip install 'lmdiff[insightface]'") from err
+        try:
+            self._session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own exception types for unreadable models
+            raise LmdiffInputError(f"ArcFace model {path} could not be loaded by onnxruntime: {err}") from err
+        shape = self._session.get_inputs()[0].shape
+        if len(shape) != 4 or tuple(shape[2:]) != (ARCFACE_SIZE, ARCFACE_SIZE):
+            raise LmdiffInputError(
+                f"ArcFace model {path} takes input {shape}, expected [N, 3, {ARCFACE_SIZE}, {ARCFACE_SIZE}]"
+            )
+        self._input = self._session.get_inputs()[0].name
+        self.mean, self.std = float(input_mean), float(input_std)
+        self.name = f"arcface:{path.name}"
+
+    def align(self, frame: np.ndarray, points68: np.ndarray) -> np.ndarray:
+        """uint8 RGB frame -> the aligned float32 crop [112, 112, 3] (0-255, zeros outside the frame)."""
+        import kornia
+
+        image = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
+        matrix = torch.from_numpy(arcface_alignment(points68)).float()[None]
+        crop = kornia.geometry.transform.warp_affine(
+            image, matrix, (ARCFACE_SIZE, ARCFACE_SIZE), mode="bilinear", padding_mode="zeros", align_corners=True
+        )
+        return crop[0].permute(1, 2, 0).numpy()
+
+    def embed(self, crop: np.ndarray) -> np.ndarray:
+        """Unit-length embedding of an aligned crop [112, 112, 3] (RGB, 0-255)."""
+        blob = ((np.asarray(crop, dtype=np.float32) - self.mean) / self.std).transpose(2, 0, 1)[None]
+        vector = self._session.run(None, {self._input: np.ascontiguousarray(blob)})[0][0].astype(np.float64)
+        return vector / max(np.linalg.norm(vector), 1e-12)
+
+    def __call__(self, frame: np.ndarray, points68: np.ndarray) -> np.ndarray:
+        """Unit-length embedding of the face with iBUG-68 points [68, 2+] in the uint8 RGB frame."""
+        return self.embed(self.align(frame, points68))
+
+
 def csim(
-    encoder: IdentityEncoder, pred: np.ndarray, pred_seq: LandmarkSequence, truth: np.ndarray, truth_seq, samples=8
+    encoder: IdentityEncoder | ArcFaceEncoder,
+    pred: np.ndarray,
+    pred_seq: LandmarkSequence,
+    truth: np.ndarray,
+    truth_seq,
+    samples=8,
 ) -> float:
     """Mean cosine similarity of the identity embeddings of `samples` frames (uint8 [T, H, W, 3]) of prediction and
     ground truth, at frames where both have a detected face."""

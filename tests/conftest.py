@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,6 +21,34 @@ def shared_path(relative: str) -> Path:
     path = SHARED / relative
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing from the shared test media")
+    return path
+
+
+def random_arcface_onnx(path, seed=0):
+    """A randomly initialised stand-in for an ArcFace .onnx (no real weights can be obtained here): conv 8x8/8 ->
+    flatten -> linear to 64 features, input [N, 3, 112, 112] like insightface's recognition models."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    conv = numpy_helper.from_array(rng.normal(0, 0.1, (4, 3, 8, 8)).astype(np.float32), "conv_w")
+    fc = numpy_helper.from_array(rng.normal(0, 0.05, (4 * 14 * 14, 64)).astype(np.float32), "fc_w")
+    nodes = [
+        helper.make_node("Conv", ["input.1", "conv_w"], ["c"], kernel_shape=[8, 8], strides=[8, 8]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Flatten", ["r"], ["f"], axis=1),
+        helper.make_node("MatMul", ["f", "fc_w"], ["embedding"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "random_arcface",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, 112, 112])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 64])],
+        initializer=[conv, fc],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
     return path
 
 

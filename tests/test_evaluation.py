@@ -80,3 +80,55 @@ def test_eval_batch_mode(videos, tmp_path, mediapipe_model):
     single = json.loads((out / "a" / "metrics.json").read_text())
     assert summary["means"]["**prediction**"]["psnr_mouth"] == pytest.approx(single["prediction"]["psnr_mouth"])
     assert (out / "summary.md").read_text().count("\n| ") == 6  # header + the prediction + 4 baselines
+
+
+def test_eval_with_every_learned_metric(tmp_path, mediapipe_model):
+    """Plumbing of the learned metrics with randomly initialised networks (no real FID / LPIPS / SyncNet / ArcFace
+    weights can be obtained here), saved to files and passed as paths: every row gets every metric, the ground truth
+    against itself scores FID ~0, LPIPS 0 and tLP 0, and nothing is reported as not computed."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lmdiff_core import learned_metrics, syncnet
+    from lmdiff_core.media import read_audio
+
+    from .conftest import random_arcface_onnx
+
+    clip = read_video(shared_path("data/clips/edtalk_woman_en.mp4"))
+    audio = read_audio(shared_path("data/clips/edtalk_woman_en.wav"))[: 12 * 640]
+    gt = write_video(tmp_path / "gt.mp4", clip.frames[:12], 25, audio=audio)
+    frames = clip.frames[:12].copy()
+    frames[:, 150:210, 90:170] = frames[:1, 150:210, 90:170]
+    pred = write_video(tmp_path / "pred.mp4", frames, 25, audio=audio)
+    torch.manual_seed(0)
+    inception = learned_metrics.FIDInceptionV3()
+    for module in inception.modules():  # He init keeps a deep random network's features from collapsing
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    lpips = learned_metrics.LPIPS("alex")
+    for head in lpips.lins:  # non-negative heads: a distance is a sum of non-negative terms
+        head.model[1].weight.data.abs_()
+    files = {}
+    for name, net in (
+        ("inception", inception),
+        ("lpips", lpips),
+        ("syncnet", syncnet.SyncNet()),
+    ):
+        files[name] = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, files[name])
+    arcface = random_arcface_onnx(tmp_path / "arcface.onnx")
+    out = tmp_path / "report"
+    args = ["eval", "--pred", str(pred), "--gt", str(gt), "-o", str(out), "--model", str(mediapipe_model)]
+    args += ["--arcface", str(arcface), *(f"--{k}={v}" for k, v in files.items())]
+    assert main(args) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["not_computed"] == {} and report["identity_embedding"] == "arcface:arcface.onnx"
+    assert report["sync_audio"] == str(pred)
+    for row in (report["prediction"], *report["baselines"].values()):
+        assert all(math.isfinite(row[k]) for k in ("fid", "lpips", "tlp", "lse_c", "lse_d", "csim"))
+    truth = report["baselines"]["ground_truth"]
+    assert abs(truth["fid"]) < 1e-6 and truth["lpips"] == 0 and truth["tlp"] == 0
+    assert truth["csim"] == pytest.approx(1.0, abs=1e-6)
+    assert report["prediction"]["lpips"] > 0 and report["prediction"]["fid"] > 1e-6
+    table = (out / "report.md").read_text()
+    assert "| lse_d |" in table and f"{report['prediction']['lse_d']:.4g}" in table and "Not computed" not in table

@@ -14,7 +14,7 @@ from lmdiff_core.errors import LmdiffInputError
 from lmdiff_core.media import iter_frames
 from lmdiff_core.smoothing import smooth_landmarks
 
-from .conftest import shared_path
+from .conftest import random_arcface_onnx, shared_path
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +125,38 @@ def test_shape_mismatch_is_a_clear_error(clip):
         metrics.psnr(frames[:2], frames[:3])
     with pytest.raises(LmdiffInputError, match="at least 2"):
         metrics.frame_difference_error(frames[:1], frames[:1])
+
+
+def test_arcface_alignment_matches_an_independent_similarity_warp(clip, tmp_path):
+    """Random-weight ArcFace stand-in: the aligned crop equals skimage's least-squares similarity warp of the same
+    5 keypoints, and the embedding equals onnxruntime run on skimage's crop."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime
+    from skimage.transform import SimilarityTransform, warp
+
+    frames, seq = clip
+    points = seq.to_topology("ibug68").points[5]
+    encoder = metrics.ArcFaceEncoder(random_arcface_onnx(tmp_path / "arcface.onnx"))
+    transform = SimilarityTransform.from_estimate(metrics.five_points(points), metrics.ARCFACE_TEMPLATE)
+    reference = warp(frames[5].astype(np.float64), transform.inverse, output_shape=(112, 112), order=1, cval=0)
+    crop = encoder.align(frames[5], points)
+    assert np.abs(crop - reference).mean() < 1.0  # grey levels
+    mapped = transform(metrics.five_points(points))
+    assert np.abs(mapped - metrics.ARCFACE_TEMPLATE).max() < 6.0  # the face's keypoints land near the template
+    session = onnxruntime.InferenceSession(str(tmp_path / "arcface.onnx"), providers=["CPUExecutionProvider"])
+    blob = ((reference.astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1)[None]
+    direct = session.run(None, {"input.1": blob})[0][0]
+    direct = direct / np.linalg.norm(direct)
+    assert float(encoder(frames[5], points) @ direct) > 0.999
+    assert metrics.csim(encoder, frames, seq, frames, seq) == pytest.approx(1.0, abs=1e-6)
+    assert encoder.name == "arcface:arcface.onnx"
+
+
+def test_arcface_bad_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(LmdiffInputError, match="does not exist"):
+        metrics.ArcFaceEncoder(tmp_path / "missing.onnx")
+    pytest.importorskip("onnxruntime")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(LmdiffInputError, match="could not be loaded"):
+        metrics.ArcFaceEncoder(bad)
