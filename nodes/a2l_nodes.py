@@ -58,7 +58,7 @@ class AudioToLandmarks:
                 "audio": ("AUDIO",),
                 "fps": ("FLOAT", {"default": 25.0, "min": 1.0, "max": 120.0, "step": 0.01}),
                 "steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Sampling steps (diffusion A2L)"}),
-                "guidance": ("FLOAT", {"default": 1.5, "min": 1.0, "max": 10.0, "step": 0.05}),
+                "guidance": ("FLOAT", {"default": 3.0, "min": 1.0, "max": 10.0, "step": 0.05}),
                 "seed": SEED,
             },
             "optional": {

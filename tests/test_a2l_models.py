@@ -205,6 +205,28 @@ def test_prev_frames_are_used():
     assert (with_prev[:, 0] - other_prev[:, 0]).abs().max() > 1e-4
 
 
+def test_masked_prev_frames_are_as_if_absent():
+    """A prev frame hidden by prev_mask has no influence; hiding all of them equals giving none (prev dropout trains
+    the first window's case)."""
+    model = perturb(tiny_diffusion())
+    audio, reference, sample, prev = inputs()
+    none_seen = torch.zeros(2, 3, dtype=torch.bool)
+    with torch.no_grad():
+        without = model(sample, 50, audio, reference)
+        hidden = model(sample, 50, audio, reference, prev, prev_mask=none_seen)
+        hidden_other = model(sample, 50, audio, reference, prev + 0.3, prev_mask=none_seen)
+        first_only = torch.tensor([[True, False, False], [True, False, False]])
+        partly = model(sample, 50, audio, reference, prev, prev_mask=first_only)
+        moved_hidden = prev + 0.3 * (~first_only)[..., None, None]  # only the hidden frames change
+        partly_other = model(sample, 50, audio, reference, moved_hidden, prev_mask=first_only)
+    torch.testing.assert_close(hidden, without, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden_other, without, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(partly_other, partly, rtol=1e-5, atol=1e-5)
+    assert (partly - without).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="prev_mask"):
+        model(sample, 50, audio, reference, prev, prev_mask=none_seen[:, :2])
+
+
 def test_scalar_and_batched_timesteps_agree():
     model = perturb(tiny_diffusion())
     audio, reference, sample, _ = inputs()

@@ -105,7 +105,12 @@ def compute_loss(model, batch, step: int, config: dict, accelerator, noise_sched
     keep_audio = global_random(step, seed, global_batch, (), rank, world, "mask", p=unwrapped.config.audio_dropout)
     t = t.to(clean.device)
     noisy = noise_scheduler.add_noise(clean, noise, t)
-    output = model(noisy, t, batch["audio"], reference, batch["prev"], audio_mask=keep_audio.to(clean.device))
+    # Prev dropout: some windows are trained without the previous frames, as the first window is sampled.
+    keep_prev = global_random(step, seed, global_batch, (), rank, world, "prev", p=train.get("prev_dropout", 0.0))
+    prev_mask = batch["prev_mask"] & keep_prev.to(clean.device)[:, None]
+    output = model(
+        noisy, t, batch["audio"], reference, batch["prev"], audio_mask=keep_audio.to(clean.device), prev_mask=prev_mask
+    )
     kind = unwrapped.config.prediction_type
     goal = {"v_prediction": lambda: noise_scheduler.get_velocity(clean, noise, t), "epsilon": lambda: noise}.get(
         kind, lambda: clean
@@ -194,6 +199,7 @@ def train(args) -> int:
         topology=data_cfg["topology"],
         reference=data_cfg.get("reference", "random"),
         seed=seed,
+        stride=data_cfg.get("stride"),
     )
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=0)
     if len(loader) == 0:

@@ -42,7 +42,7 @@ class TrainingStep:
 def global_random(step: int, seed: int, batch: int, shape: tuple, rank: int, world: int, kind: str, **kw):
     """A random tensor for the whole global batch of a step, sliced to this process's part of the batch."""
     generator = torch.Generator().manual_seed(
-        seed * 1_000_003 + step * 7 + {"noise": 1, "t": 2, "mask": 3, "one_shot": 4}[kind]
+        seed * 1_000_003 + step * 7 + {"noise": 1, "t": 2, "mask": 3, "one_shot": 4, "prev": 5}[kind]
     )
     if kind == "noise":
         full = torch.randn((batch, *shape), generator=generator)

@@ -6,6 +6,7 @@ Tensors (model units, `lmdiff_core.canonical.to_model_units`):
     audio      [B, T, k, L, D]  T video frames at 25 fps, k sub-frames per frame, L encoder layers, D features
     reference  [B, N, 3]        the speaker's landmarks (absolute), e.g. from the portrait
     prev       [B, P, N, 3]     the previous window's last P frames (absolute landmarks, clean) or None
+    prev_mask  [B, P] bool      False hides a prev frame from attention (before a clip's start, prev dropout) or None
     audio_mask [B] bool         False drops the audio (classifier-free guidance) or None (keep all)
     output     [B, T, N, 3]     in the space of `sample`: v, epsilon or the clean sample (`prediction_type`)
 
@@ -69,9 +70,11 @@ class TemporalSelfAttention(nn.Module):
         self.to_qkv = nn.Linear(dim, 3 * dim)
         self.to_out = nn.Linear(dim, dim)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`key_mask` [B, S] bool: False keys are not attended to."""
         q, k, v = self.to_qkv(hidden).unflatten(-1, (3, self.n_heads, -1)).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
@@ -88,8 +91,8 @@ class StreamBlock(nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, hidden: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        hidden = hidden + self.dropout(self.attn(self.attn_norm(hidden, condition)))
+    def forward(self, hidden: torch.Tensor, condition: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        hidden = hidden + self.dropout(self.attn(self.attn_norm(hidden, condition), key_mask))
         return hidden + self.dropout(self.ffn(self.ffn_norm(hidden, condition)))
 
 
@@ -190,7 +193,7 @@ class A2LDiffusion(ModelMixin, ConfigMixin):
         """Inverse of `landmarks_to_sample`."""
         return reference[:, None] + sample / self.config.displacement_scale
 
-    def _check_inputs(self, sample, audio, reference, prev, audio_mask) -> None:
+    def _check_inputs(self, sample, audio, reference, prev, prev_mask, audio_mask) -> None:
         cfg = self.config
         if sample.ndim != 4 or tuple(sample.shape[2:]) != (cfg.n_points, 3):
             raise ValueError(f"sample must be [B, T, {cfg.n_points}, 3], got {tuple(sample.shape)}")
@@ -204,6 +207,8 @@ class A2LDiffusion(ModelMixin, ConfigMixin):
             prev.ndim != 4 or prev.shape[0] != batch or tuple(prev.shape[2:]) != (cfg.n_points, 3)
         ):
             raise ValueError(f"prev must be [{batch}, P, {cfg.n_points}, 3], got {tuple(prev.shape)}")
+        if prev_mask is not None and (prev is None or tuple(prev_mask.shape) != tuple(prev.shape[:2])):
+            raise ValueError(f"prev_mask must be [B, P] bool beside prev, got {tuple(prev_mask.shape)}")
         if audio_mask is not None and tuple(audio_mask.shape) != (batch,):
             raise ValueError(f"audio_mask must be [{batch}] bool, got {tuple(audio_mask.shape)}")
 
@@ -226,9 +231,10 @@ class A2LDiffusion(ModelMixin, ConfigMixin):
         reference: torch.Tensor,
         prev: torch.Tensor | None = None,
         audio_mask: torch.Tensor | None = None,
+        prev_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Denoiser output [B, T, N, 3] in the space of `sample` (see the module docstring for the tensors)."""
-        self._check_inputs(sample, audio, reference, prev, audio_mask)
+        self._check_inputs(sample, audio, reference, prev, prev_mask, audio_mask)
         batch, frames = sample.shape[:2]
         dtype, device = self.dtype, sample.device
         sample, audio, reference = sample.to(dtype), audio.to(dtype), reference.to(dtype)
@@ -241,7 +247,7 @@ class A2LDiffusion(ModelMixin, ConfigMixin):
 
         lip = self._tokens(sample, self.lip_index, self.lip_embed)
         non_lip = self._tokens(sample, self.non_lip_index, self.non_lip_embed)
-        n_prev = 0
+        n_prev, key_mask = 0, None
         if prev is not None and prev.shape[1] > 0:
             n_prev = prev.shape[1]
             prev_sample = self.landmarks_to_sample(prev.to(dtype), reference)
@@ -250,6 +256,9 @@ class A2LDiffusion(ModelMixin, ConfigMixin):
             prev_condition = (time_code + self.prev_condition).expand(batch, n_prev, -1)
             lip_condition = torch.cat([prev_condition, lip_condition], dim=1)
             non_lip_condition = torch.cat([prev_condition, non_lip_condition], dim=1)
+            if prev_mask is not None:
+                window_keys = torch.ones(batch, frames, dtype=torch.bool, device=device)
+                key_mask = torch.cat([prev_mask.to(device, torch.bool), window_keys], dim=1)
 
         positions = torch.arange(-n_prev, frames, device=device)
         position_code = get_timestep_embedding(positions, self.config.d_model, True, 0).to(dtype)
@@ -259,8 +268,8 @@ class A2LDiffusion(ModelMixin, ConfigMixin):
         non_lip = non_lip + position_code + non_lip_reference
 
         for layer, (lip_block, non_lip_block) in enumerate(zip(self.lip_blocks, self.non_lip_blocks)):
-            lip = lip_block(lip, lip_condition)
-            non_lip = non_lip_block(non_lip, non_lip_condition)
+            lip = lip_block(lip, lip_condition, key_mask)
+            non_lip = non_lip_block(non_lip, non_lip_condition, key_mask)
             if self.exchanges is not None:
                 lip, non_lip = self.exchanges[layer](lip, non_lip)
 

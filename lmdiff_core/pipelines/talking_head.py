@@ -80,7 +80,7 @@ class TalkingHeadPipeline(DiffusionPipeline):
         video_fps: float | None = None,
         num_inference_steps: int = 20,
         guidance_scale: float = 1.0,
-        a2l_guidance_scale: float = 1.5,
+        a2l_guidance_scale: float = 3.0,
         seed: int | None = 0,
         image_mode: str = "one_shot",
         n_frames: int | None = None,
