@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", help="preview video (.mp4) with the speech")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=20, help="diffusion sampling steps")
-    p.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance on the audio")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance on the audio (diffusion A2L)")
     _add_detector_args(p)
     p.set_defaults(func=cmd_a2l)
 
