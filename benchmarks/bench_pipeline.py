@@ -7,9 +7,15 @@ trained ones) and write the mp4. Reports the seconds of each stage (landmarks, a
 paste_back, write_video), frames/s of the whole run and of L2V alone, and peak memory (resident-memory growth on
 a CPU, peak allocated on a GPU).
 
+Memory against audio length (--lengths 10 600): a portrait (the clip's first frame) animated in "still" mode for
+10 s and for 10 min of speech (the clip's audio repeated), streamed into an mp4 as the frames come, with the bundled
+A2L and the tiny L2V U-Net on the weightless pixel autoencoder at 1 step and 64 px crops, in 256 x 256 frames, so
+that the run is short; the model's size does not change whether memory grows with the length. Peak resident memory of each run, in a fresh process.
+
 Usage: python benchmarks/bench_pipeline.py [--models default base] [--sizes 256 512] [--steps 1 4 25] [--frames 12]
        [--autoencoder PATH] [--device cpu|cuda] [--name cpu_2core] [--merge]
-Writes benchmarks/results/pipeline_<name>.json with the machine described.
+       python benchmarks/bench_pipeline.py --lengths 10 600 [--device cpu|cuda] [--name cpu_2core]
+Writes benchmarks/results/pipeline_<name>.json (or pipeline_memory_<name>.json) with the machine described.
 """
 
 from __future__ import annotations
@@ -103,6 +109,90 @@ def run_case(case: dict, queue) -> None:
     queue.put(result)
 
 
+def run_length_case(case: dict, queue) -> None:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from lmdiff_core.autoencoders import load_autoencoder
+    from lmdiff_core.checkpoints import BUNDLED_A2L
+    from lmdiff_core.detectors import load_landmarker
+    from lmdiff_core.media import iter_frames, read_audio, write_video
+    from lmdiff_core.models import L2VUNet
+    from lmdiff_core.pipelines.a2l import AudioToLandmarksPipeline
+    from lmdiff_core.pipelines.l2v import LandmarkToVideoPipeline
+    from lmdiff_core.pipelines.schedulers import make_scheduler
+    from lmdiff_core.pipelines.talking_head import TalkingHeadPipeline
+
+    torch.manual_seed(0)
+    device = torch.device(case["device"])
+    autoencoder = load_autoencoder("pixel", device=device)
+    config = yaml.safe_load((REPO / "training" / "configs" / "l2v_tiny_cpu.yaml").read_text())
+    args = dict(config["model"]["args"])
+    args.update(latent_channels=autoencoder.latent_channels, downscale=autoencoder.downscale, autoencoder="pixel")
+    unet = L2VUNet(**args).to(device).eval()
+    window, overlap = config["data"]["window"], config["data"].get("overlap", 1)
+    l2v = LandmarkToVideoPipeline(
+        unet, make_scheduler(unet, "ddim"), autoencoder, case["size"], "ibug68", window, overlap
+    )
+    pipeline = TalkingHeadPipeline(AudioToLandmarksPipeline.from_pretrained(BUNDLED_A2L), l2v)
+    clip = Path(case["clip"])
+    first = next(iter_frames(clip, 25.0, max_frames=1))
+    portrait = np.asarray(Image.fromarray(first).resize((case["frame"], case["frame"]), Image.LANCZOS))
+    speech = read_audio(clip.with_suffix(".wav"))
+    audio = np.resize(speech, int(case["seconds"] * 16000))  # the clip's speech repeated to the length
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, load_landmarker("mediapipe", MEDIAPIPE, num_faces=1) as landmarker:
+        frames, n = pipeline.generate(
+            audio, landmarker, image=portrait, image_mode="still", num_inference_steps=1, seed=0
+        )
+        write_video(Path(tmp) / "out.mp4", frames, 25.0, audio=audio)  # frames are encoded as they come
+    total = time.perf_counter() - started
+    result = {
+        **case,
+        "frames_out": n,
+        "frame_size": list(portrait.shape[1::-1]),
+        "total_seconds": round(total, 1),
+        "frames_per_second": round(n / total, 2),
+        "rss_before_mib": round(before / 1024, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    result["peak_rss_growth_mib"] = round(result["peak_rss_mib"] - result["rss_before_mib"], 1)
+    if device.type == "cuda":
+        result["peak_gpu_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    queue.put(result)
+
+
+def _in_fresh_process(target, case: dict) -> dict:
+    queue = mp.get_context("spawn").Queue()
+    proc = mp.get_context("spawn").Process(target=target, args=(case, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def memory_against_length(args) -> None:
+    results = []
+    for seconds in args.lengths:
+        case = dict(seconds=seconds, size=64, frame=256, steps=1, clip=args.clip, device=args.device)
+        results.append(_in_fresh_process(run_length_case, case))
+        print(json.dumps(results[-1]), flush=True)
+    report = {
+        "machine": machine(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "what": __doc__.split("\n\n")[2].replace("\n", " "),
+        "results": results,
+    }
+    path = RESULTS / f"pipeline_memory_{args.name}.json"
+    RESULTS.mkdir(exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["default"], choices=list(MODEL_CONFIGS))
@@ -114,8 +204,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--name", default="cpu_2core")
     parser.add_argument("--merge", action="store_true", help="replace only these cases in an existing results file")
+    parser.add_argument("--lengths", nargs="+", type=float, help="seconds of audio: measure memory against length")
     args = parser.parse_args()
-    ctx = mp.get_context("spawn")
+    if args.lengths:
+        return memory_against_length(args)
     results = []
     for model in args.models:
         for size in args.sizes:
@@ -129,11 +221,7 @@ def main() -> None:
                     autoencoder=args.autoencoder,
                     device=args.device,
                 )
-                queue = ctx.Queue()
-                proc = ctx.Process(target=run_case, args=(case, queue))
-                proc.start()
-                result = queue.get()
-                proc.join()
+                result = _in_fresh_process(run_case, case)
                 results.append(result)
                 print(
                     json.dumps(

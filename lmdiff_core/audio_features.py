@@ -47,6 +47,7 @@ DEFAULT_FPS = media.DEFAULT_FPS
 DEFAULT_SAMPLE_RATE = media.DEFAULT_SAMPLE_RATE
 
 LOG_MEL_EPS = 1e-6
+LOG_MEL_CHUNK_SUB_FRAMES = 3000  # 30 s at 100 sub-frames/s per melspectrogram call
 """Added to the mel power before the natural log: silence gives ``log(1e-6)``, the smallest possible value."""
 
 _PRETRAINED_TYPES = ("wav2vec2", "hubert", "whisper")
@@ -148,6 +149,7 @@ class LogMelFeatures(AudioFeatureExtractor):
         self.layers = 1
         self.dim = self.n_mels
         self.name = f"logmel{self.n_mels}"
+        self.chunk_sub_frames = LOG_MEL_CHUNK_SUB_FRAMES
 
     def config(self) -> dict:
         return {
@@ -162,25 +164,30 @@ class LogMelFeatures(AudioFeatureExtractor):
     def _extract(self, audio: np.ndarray, n_frames: int) -> np.ndarray:
         import librosa  # slow to import (and JIT-compiles on first use): only when features are computed
 
-        mel = librosa.feature.melspectrogram(
-            y=audio,
-            sr=self.sample_rate,
-            n_fft=self.win_length,
-            hop_length=self.hop_length,
-            win_length=self.win_length,
-            window="hann",
-            center=True,
-            pad_mode="constant",
-            power=2.0,
-            n_mels=self.n_mels,
-            fmin=0.0,
-            fmax=self.sample_rate / 2,
-            htk=False,
-            norm="slaney",
-        )
-        n_sub = n_frames * self.sub_frames
-        log_mel = np.log(mel[:, :n_sub].astype(np.float32) + np.float32(LOG_MEL_EPS))
-        return log_mel.T.reshape(n_frames, self.sub_frames, 1, self.n_mels)
+        # Computed in chunks of sub-frames (bounded memory for long audio): each frame sees the same zero-padded
+        # window of samples as one centred pass over the whole audio would give it.
+        n_sub, hop, half = n_frames * self.sub_frames, self.hop_length, self.win_length // 2
+        padded = np.pad(audio, (half, max(0, (n_sub - 1) * hop + self.win_length - half - len(audio))))
+        out = np.empty((n_sub, self.n_mels), dtype=np.float32)
+        for first in range(0, n_sub, self.chunk_sub_frames):
+            last = min(n_sub, first + self.chunk_sub_frames)
+            mel = librosa.feature.melspectrogram(
+                y=padded[first * hop : (last - 1) * hop + self.win_length],
+                sr=self.sample_rate,
+                n_fft=self.win_length,
+                hop_length=hop,
+                win_length=self.win_length,
+                window="hann",
+                center=False,
+                power=2.0,
+                n_mels=self.n_mels,
+                fmin=0.0,
+                fmax=self.sample_rate / 2,
+                htk=False,
+                norm="slaney",
+            )
+            out[first:last] = np.log(mel.T.astype(np.float32) + np.float32(LOG_MEL_EPS))
+        return out.reshape(n_frames, self.sub_frames, 1, self.n_mels)
 
 
 class PretrainedSpeechFeatures(AudioFeatureExtractor):

@@ -70,6 +70,16 @@ def umeyama(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None)
     return s, r, t
 
 
+def nearest_valid(n: int, valid: np.ndarray) -> np.ndarray:
+    """For each of n frames, the position in `valid` (sorted frame indices) of the nearest valid frame, the earlier
+    one on a tie; O(n log v) memory-light, for sequences of any length."""
+    frames = np.arange(n)
+    right = np.clip(np.searchsorted(valid, frames), 0, len(valid) - 1)
+    left = np.maximum(right - 1, 0)
+    take_left = np.abs(frames - valid[left]) <= np.abs(valid[right] - frames)
+    return np.where(take_left, left, right)
+
+
 def _similarity_matrix(s: np.ndarray, r: np.ndarray, t: np.ndarray) -> np.ndarray:
     m = np.zeros((len(s), 4, 4))
     m[:, :3, :3] = s[:, None, None] * r
@@ -120,8 +130,7 @@ def canonicalize(seq: LandmarkSequence) -> LandmarkSequence:
     s, r, t = umeyama(points[valid][:, stable], np.broadcast_to(template[stable], (valid.size, len(stable), 3)))
     to_canonical = np.empty((len(seq), 4, 4))
     # Frames without a face take the transform of the nearest valid frame.
-    nearest = valid[np.abs(np.arange(len(seq))[:, None] - valid[None]).argmin(1)]
-    to_canonical[:] = _similarity_matrix(s, r, t)[np.searchsorted(valid, nearest)]
+    to_canonical[:] = _similarity_matrix(s, r, t)[nearest_valid(len(seq), valid)]
     canonical = apply_transform(to_canonical, points)
     canonical[~seq.valid] = template
     return seq.replace(

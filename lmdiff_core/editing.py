@@ -133,9 +133,15 @@ def transfer_pose(
     return dub_landmarks(driving, canonical)
 
 
-def dub_landmarks(source: LandmarkSequence, talking: LandmarkSequence) -> LandmarkSequence:
+def dub_landmarks(source: LandmarkSequence, talking: LandmarkSequence, chunk: int = 1000) -> LandmarkSequence:
     """Image-space landmarks of the video `source` (same length as `talking`) with the lips and jaw of the canonical
-    A2L output `talking`, posed like the video."""
+    A2L output `talking`, posed like the video. Done `chunk` frames at a time (bounded memory for long videos) when
+    every chunk has a detected face."""
+    starts = range(0, len(source), chunk)
+    if len(source) > chunk and all(source.valid[i : i + chunk].any() for i in starts):
+        return LandmarkSequence.concatenate(
+            [dub_landmarks(source[i : i + chunk], talking[i : i + chunk], chunk) for i in starts]
+        )
     topology = talking.topology
     canonical = canonicalize(source).to_topology(topology)
     lower = np.unique(np.concatenate([get_topology(topology).part_indices(p) for p in LOWER_FACE_PARTS]))

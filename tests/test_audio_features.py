@@ -138,6 +138,19 @@ def test_logmel_is_deterministic(logmel):
     assert np.array_equal(first, LogMelFeatures()(audio))
 
 
+def test_logmel_chunks_equal_one_pass():
+    """Long audio is computed in chunks of sub-frames; chunk borders change nothing (each frame sees the same
+    samples), whatever the chunk length, including one not dividing the frame count."""
+    audio = speech_seconds(7.3)
+    whole = LogMelFeatures()
+    whole.chunk_sub_frames = 10**9
+    reference = whole(audio)
+    for chunk in (1, 7, 400):
+        chunked = LogMelFeatures()
+        chunked.chunk_sub_frames = chunk
+        np.testing.assert_allclose(chunked(audio), reference, rtol=0, atol=1e-4)
+
+
 def test_logmel_n_frames_pads_or_trims(logmel):
     audio = read_wav(SPEECH)
     full = logmel(audio)

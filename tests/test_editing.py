@@ -6,7 +6,7 @@ import pytest
 from lmdiff_core import LmdiffInputError
 from lmdiff_core.canonical import apply_transform, canonicalize, head_pose
 from lmdiff_core.detectors import detect_image, extract_landmarks, load_landmarker
-from lmdiff_core.editing import add_head_motion, frontalize, mouth_gain, rest_frame, transfer_pose
+from lmdiff_core.editing import add_head_motion, dub_landmarks, frontalize, mouth_gain, rest_frame, transfer_pose
 from lmdiff_core.landmarks import FIT_MODES, fit_indices
 from lmdiff_core.media import iter_frames, read_image
 from lmdiff_core.motion import MotionStats
@@ -185,3 +185,18 @@ def test_edit_input_errors(talking):
         transfer_pose(talking, talking, fit="bounce")
     with pytest.raises(LmdiffInputError, match="pose"):
         frontalize(canonicalize(talking).replace(pose=None), 1.0)
+
+
+def test_dub_landmarks_in_chunks_equals_one_pass(talking):
+    """Long videos are dubbed a chunk of frames at a time (bounded memory); chunk borders change nothing, and the
+    lips and jaw come from the A2L landmarks while the rest stays where the video has it."""
+    source = talking
+    lips_from = canonicalize(talking[::-1]).to_topology("ibug68")  # another take of the lips: the clip reversed
+    whole = dub_landmarks(source, lips_from, chunk=10**6)
+    for chunk in (1, 7, 25):
+        chunked = dub_landmarks(source, lips_from, chunk=chunk)
+        np.testing.assert_allclose(chunked.points, whole.points, atol=1e-3)
+        np.testing.assert_array_equal(chunked.valid, whole.valid)
+    upper = get_topology("ibug68").part_indices("left_eye")
+    np.testing.assert_allclose(whole.points[:, upper, :2], source.to_topology("ibug68").points[:, upper, :2], atol=0.5)
+    assert len(whole) == len(source)
