@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from ..lmdiff_core.checkpoints import BUNDLED_A2L, BUNDLED_L2V
+from ..lmdiff_core.checkpoints import BUNDLED_A2L, BUNDLED_A2L_DIFFUSION, BUNDLED_L2V
 from ..lmdiff_core.errors import LmdiffInputError
 from .runtime import comfy_module
 
@@ -20,8 +20,9 @@ A2L, L2V, LANDMARKER = "lmdiff_a2l", "lmdiff_l2v", "lmdiff_landmarker"
 SUBFOLDERS = {A2L: "a2l", L2V: "l2v", LANDMARKER: "landmarker"}
 EXTENSIONS = {A2L: {".json"}, L2V: {".json"}, LANDMARKER: {".task", ".dat", ".onnx"}}
 MARKERS = {A2L: "lmdiff_a2l.json", L2V: "lmdiff_l2v.json"}  # the pipelines' CHECKPOINT_INFO files
-BUNDLED_PATHS = {A2L: BUNDLED_A2L, L2V: BUNDLED_L2V}
 BUNDLED = "bundled"
+# The checkpoints shipped with the pack, by the name the loaders offer (when the model folder holds none).
+BUNDLED_PATHS = {A2L: {BUNDLED: BUNDLED_A2L, "bundled-diffusion": BUNDLED_A2L_DIFFUSION}, L2V: {BUNDLED: BUNDLED_L2V}}
 AUTOENCODER_FOLDERS = ("vae", "vae_approx")
 AUTO, PIXEL, DEFAULT = "auto", "pixel", "default"
 
@@ -58,20 +59,20 @@ def _listed(key: str) -> list[str]:
     return [Path(name).as_posix() for name in folder_paths.get_filename_list(key)]
 
 
-def bundled_checkpoint(key: str) -> Path | None:
-    """The checkpoint shipped with the pack (checkpoints/a2l, checkpoints/l2v), if it is there."""
-    path = BUNDLED_PATHS[key]
-    return path if (path / MARKERS[key]).is_file() else None
+def bundled_checkpoint(key: str, name: str = BUNDLED) -> Path | None:
+    """The checkpoint shipped with the pack under `name` (checkpoints/a2l, a2l_diffusion, l2v), if it is there."""
+    path = BUNDLED_PATHS[key].get(name)
+    return path if path is not None and (path / MARKERS[key]).is_file() else None
 
 
 def checkpoint_names(key: str) -> list[str]:
-    """Checkpoint folders (relative names) in the `key` folders, or the bundled checkpoint when there is none."""
+    """Checkpoint folders (relative names) in the `key` folders, or the bundled checkpoints when there is none."""
     marker = MARKERS[key]
     names = sorted(
         {str(PurePosixPath(f).parent) for f in _listed(key) if PurePosixPath(f).name == marker} - {"."},
     )
-    if not names and bundled_checkpoint(key) is not None:
-        names = [BUNDLED]
+    if not names:
+        names = [name for name in BUNDLED_PATHS[key] if bundled_checkpoint(key, name) is not None]
     return names
 
 
@@ -112,12 +113,12 @@ def find_model(keys: tuple[str, ...], name: str) -> Path:
 
 def checkpoint_path(key: str, name: str) -> Path:
     """The checkpoint folder of a widget's checkpoint name (or the bundled one)."""
-    if name == BUNDLED:
-        path = bundled_checkpoint(key)
+    if name in BUNDLED_PATHS[key]:
+        path = bundled_checkpoint(key, name)
         if path is None:
             raise LmdiffInputError(
-                f"the bundled checkpoint is not installed (expected {BUNDLED_PATHS[key]}): put a checkpoint folder "
-                f"in models/lmdiff/{SUBFOLDERS[key]}"
+                f"the bundled checkpoint is not installed (expected {BUNDLED_PATHS[key][name]}): put a checkpoint "
+                f"folder in models/lmdiff/{SUBFOLDERS[key]}"
             )
         return path
     path = find_model((key,), name)

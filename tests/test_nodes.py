@@ -230,18 +230,19 @@ def test_the_bundled_checkpoint_is_offered_when_the_folder_is_empty(comfy, tmp_p
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setitem(comfy.folder_paths.folder_names_and_paths, "lmdiff_a2l", ([str(empty)], {".json"}))
-    monkeypatch.setitem(models.BUNDLED_PATHS, models.A2L, tmp_path / "not_there")
+    monkeypatch.setitem(models.BUNDLED_PATHS, models.A2L, {"bundled": tmp_path / "not_there"})
     assert loader.INPUT_TYPES()["required"]["model"][0] == []
     with pytest.raises(ValueError, match="bundled checkpoint is not installed"):
         run(comfy, "LmdiffLoadA2LModel", model="bundled", precision="fp32", device="cpu")
 
-    monkeypatch.setitem(models.BUNDLED_PATHS, models.A2L, make_tiny_a2l(tmp_path / "bundled"))
-    assert loader.INPUT_TYPES()["required"]["model"][0] == ["bundled"]
+    bundled = {"bundled": make_tiny_a2l(tmp_path / "bundled"), "bundled-diffusion": tmp_path / "not_there"}
+    monkeypatch.setitem(models.BUNDLED_PATHS, models.A2L, bundled)
+    assert loader.INPUT_TYPES()["required"]["model"][0] == ["bundled"]  # only the installed ones
     loaded = run(comfy, "LmdiffLoadA2LModel", model="bundled", precision="fp32", device="cpu")[0]
     assert type(loaded.pipeline).__name__ == "AudioToLandmarksPipeline"
 
     monkeypatch.undo()
-    monkeypatch.setitem(models.BUNDLED_PATHS, models.A2L, tmp_path / "bundled")
+    monkeypatch.setitem(models.BUNDLED_PATHS, models.A2L, {"bundled": tmp_path / "bundled"})
     assert loader.INPUT_TYPES()["required"]["model"][0] == ["tiny_a2l"]  # a folder with checkpoints: no bundled
 
 
