@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the bundled default checkpoints (checkpoints/a2l, checkpoints/l2v) from the dev clips.
+# Rebuild the bundled checkpoints (checkpoints/a2l, checkpoints/a2l_diffusion, checkpoints/l2v) from the dev clips.
 # Usage: bash scripts/train_default_checkpoints.sh SHARED_DIR WORK_DIR
 #   SHARED_DIR: the development media folder (data/clips, data/clips_more/av, weights/mediapipe_face_landmarker)
 #   WORK_DIR:   scratch space for the dataset and the runs (about 0.5 GB)
@@ -12,6 +12,8 @@ mkdir -p "$work"
     --model "$shared/weights/mediapipe_face_landmarker/face_landmarker_v2_with_blendshapes.task"
 cd "$repo/training"
 "$py" train_a2l.py --config configs/a2l_lstm_default_cpu.yaml --data "$work/dataset" --out "$work/a2l"
+"$py" train_a2l.py --config configs/a2l_diffusion_default_cpu.yaml --data "$work/dataset" --out "$work/a2l_diffusion"
 "$py" train_l2v.py --config configs/l2v_default_cpu.yaml --data "$work/dataset" --out "$work/l2v"
 "$py" "$repo/scripts/export_checkpoint.py" a2l "$work/a2l/final" "$repo/checkpoints/a2l"
+"$py" "$repo/scripts/export_checkpoint.py" a2l "$work/a2l_diffusion/final" "$repo/checkpoints/a2l_diffusion" --half
 "$py" "$repo/scripts/export_checkpoint.py" l2v "$work/l2v/final" "$repo/checkpoints/l2v" --half
