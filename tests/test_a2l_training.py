@@ -59,7 +59,9 @@ def _config(tmp_path: Path, base: str, **train) -> Path:
     return path
 
 
-def _train(config: Path, data: Path, out: Path, *extra, processes: int = 1) -> subprocess.CompletedProcess:
+def _train(
+    config: Path, data: Path, out: Path, *extra, processes: int = 1, timeout: int = 600
+) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--cpu"]
     if processes == 1:
         command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -73,7 +75,7 @@ def _train(config: Path, data: Path, out: Path, *extra, processes: int = 1) -> s
         str(out),
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    result = subprocess.run(command + list(extra), capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(command + list(extra), capture_output=True, text=True, env=env, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -290,7 +292,7 @@ def test_held_out_sync_beats_shuffled_audio(tmp_path, mediapipe_model, config, s
         sources, data, lambda: load_landmarker("mediapipe", mediapipe_model), crop_size=0, val_clips=[HELD_OUT]
     )
     run = tmp_path / "run"
-    _train(_config(tmp_path, config, **({} if steps is None else {"max_steps": steps})), data, run)
+    _train(_config(tmp_path, config, **({} if steps is None else {"max_steps": steps})), data, run, timeout=5400)
     pipeline = AudioToLandmarksPipeline.from_pretrained(run / "final")
     clip = _clip_id(data, HELD_OUT)
     arrays = clip_arrays(data, clip)
