@@ -82,16 +82,27 @@ class EvalNetworks:
             if net is None:
                 self.not_computed.update(dict.fromkeys(names, NOT_COMPUTED))
 
+    def truth_terms(self, truth: np.ndarray) -> dict:
+        """What the learned metrics need of the ground truth, computed once for all the rows of a report."""
+        from . import learned_metrics
 
-def _learned_scores(pred, pred_seq, truth, networks: EvalNetworks, audio) -> dict:
+        terms = {}
+        if self.inception is not None:
+            terms["truth_stats"] = learned_metrics.inception_stats(truth, self.inception, name="ground truth")
+        if self.lpips is not None:
+            terms["truth_changes"] = learned_metrics.lpips_changes(truth, self.lpips)
+        return terms
+
+
+def _learned_scores(pred, pred_seq, truth, networks: EvalNetworks, audio, terms: dict) -> dict:
     from . import learned_metrics, syncnet
 
     out = {}
     if networks.inception is not None:
-        out["fid"] = learned_metrics.fid(pred, truth, networks.inception)
+        out["fid"] = learned_metrics.fid(pred, truth, networks.inception, truth_stats=terms["truth_stats"])
     if networks.lpips is not None:
         out["lpips"] = float(learned_metrics.lpips(pred, truth, networks.lpips).mean())
-        out["tlp"] = learned_metrics.tlp(pred, truth, networks.lpips)
+        out["tlp"] = learned_metrics.tlp(pred, truth, networks.lpips, truth_changes=terms["truth_changes"])
     if networks.syncnet is not None and audio is not None:
         sync = syncnet.lse(pred, audio, pred_seq, networks.syncnet)
         out.update(lse_c=sync["lse_c"], lse_d=sync["lse_d"], sync_offset=sync["offset"])
@@ -127,10 +138,14 @@ def score(
     truth_seq: LandmarkSequence,
     networks: EvalNetworks | None = None,
     audio: np.ndarray | None = None,
+    truth_terms: dict | None = None,
 ) -> dict:
     """Metrics of `pred` (uint8 [T, H, W, 3]) with its landmarks against the ground truth's (same shape and length);
-    CSIM and the learned metrics with the `networks` that are loaded (LSE with `audio`, 16 kHz mono)."""
+    CSIM and the learned metrics with the `networks` that are loaded (LSE with `audio`, 16 kHz mono; `truth_terms`:
+    `networks.truth_terms(truth)` when already computed)."""
     encoder = None if networks is None else networks.encoder
+    if networks is not None and truth_terms is None:
+        truth_terms = networks.truth_terms(truth)
     mouth = _masks(truth_seq, ("mouth",))["mouth"]
     per_frame, sums = [], {"full": 0.0, "mouth": 0.0, "mouth_area": 0.0, "ssim": 0.0, "ssim_mouth": 0.0}
     for start in range(0, len(truth), CHUNK):
@@ -158,7 +173,7 @@ def score(
         "landmark_jitter_ratio": jitter_pred / max(jitter_truth, 1e-12),
         "cpbd": float(np.mean([metrics.cpbd(f) for f in pred[:: max(1, len(pred) // 8)]])),
         "csim": float("nan") if encoder is None else metrics.csim(encoder, pred, pred_seq, truth, truth_seq),
-        **({} if networks is None else _learned_scores(pred, pred_seq, truth, networks, audio)),
+        **({} if networks is None else _learned_scores(pred, pred_seq, truth, networks, audio, truth_terms)),
         "per_frame_psnr": per_frame,
     }
 
@@ -231,6 +246,7 @@ def evaluate(
         if audio is None:
             not_computed.update(dict.fromkeys(("lse_c", "lse_d"), "not computed: neither video has an audio track"))
     encoder = networks.encoder
+    terms = networks.truth_terms(truth)
     report = {
         "pred": str(pred_path),
         "gt": str(gt_path),
@@ -240,9 +256,9 @@ def evaluate(
         "identity_embedding": None if encoder is None else encoder.name,
         "sync_audio": audio_source,
         "handling": handling,
-        "prediction": score(pred, seqs["pred"], truth, seqs["gt"], networks, audio),
+        "prediction": score(pred, seqs["pred"], truth, seqs["gt"], networks, audio, terms),
         "baselines": {
-            name: score(f, s, truth, seqs["gt"], networks, audio)
+            name: score(f, s, truth, seqs["gt"], networks, audio, terms)
             for name, (f, s) in baselines(truth, seqs["gt"], landmarker).items()
         },
         "not_computed": not_computed,

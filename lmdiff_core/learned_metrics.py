@@ -229,16 +229,21 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
-def fid(pred_frames, truth_frames, inception: FIDInceptionV3, batch_size: int = BATCH) -> float:
+def inception_stats(frames, inception: FIDInceptionV3, batch_size: int = BATCH, name: str = "frames"):
+    """(mean [2048], covariance [2048, 2048]) of the Inception features of a frame set (at least 2 frames)."""
+    if len(frames) < 2:
+        raise LmdiffInputError(f"FID needs at least 2 frames of the {name}, got {len(frames)}")
+    features = inception_features(frames, inception, batch_size)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def fid(pred_frames, truth_frames, inception: FIDInceptionV3, batch_size: int = BATCH, truth_stats=None) -> float:
     """FID between two frame sets (at least 2 frames each; it is biased upwards for small sets, so compare values
-    only between sets of equal size)."""
-    stats = []
-    for name, frames in (("prediction", pred_frames), ("ground truth", truth_frames)):
-        if len(frames) < 2:
-            raise LmdiffInputError(f"FID needs at least 2 frames of the {name}, got {len(frames)}")
-        features = inception_features(frames, inception, batch_size)
-        stats += [features.mean(axis=0), np.cov(features, rowvar=False)]
-    return frechet_distance(*stats)
+    only between sets of equal size). `truth_stats`: the ground truth's `inception_stats`, when already computed."""
+    pred_stats = inception_stats(pred_frames, inception, batch_size, "prediction")
+    if truth_stats is None:
+        truth_stats = inception_stats(truth_frames, inception, batch_size, "ground truth")
+    return frechet_distance(*pred_stats, *truth_stats)
 
 
 # -- LPIPS ------------------------------------------------------------------------------------------------------------
@@ -341,13 +346,19 @@ def lpips(pred, truth, net: LPIPS, batch_size: int = BATCH) -> np.ndarray:
     return _distances(pred, truth, net, batch_size)
 
 
-def tlp(pred, truth, net: LPIPS, batch_size: int = BATCH) -> float:
+def lpips_changes(frames, net: LPIPS, batch_size: int = BATCH) -> np.ndarray:
+    """LPIPS between consecutive frames [T - 1]: how much a video changes, perceptually, from frame to frame."""
+    return _distances(frames[:-1], frames[1:], net, batch_size)
+
+
+def tlp(pred, truth, net: LPIPS, batch_size: int = BATCH, truth_changes=None) -> float:
     """Temporal LPIPS (TecoGAN): mean over t of |LPIPS(pred_t, pred_t+1) - LPIPS(truth_t, truth_t+1)|; 0 when the
-    prediction changes between frames as much, perceptually, as the ground truth."""
+    prediction changes between frames as much, perceptually, as the ground truth. `truth_changes`: the ground
+    truth's `lpips_changes`, when already computed."""
     _check_pair(pred, truth, 2)
-    changes_pred = _distances(pred[:-1], pred[1:], net, batch_size)
-    changes_truth = _distances(truth[:-1], truth[1:], net, batch_size)
-    return float(np.abs(changes_pred - changes_truth).mean())
+    if truth_changes is None:
+        truth_changes = lpips_changes(truth, net, batch_size)
+    return float(np.abs(lpips_changes(pred, net, batch_size) - truth_changes).mean())
 
 
 # -- loading ----------------------------------------------------------------------------------------------------------
