@@ -148,19 +148,182 @@ def test_silence_gives_a_still_closed_mouth(lstm_run):
     np.testing.assert_allclose(silent, np.repeat(face.points, len(silent), 0), atol=1e-3)
 
 
-def test_diffusion_training_resumes_on_the_same_loss_curve(dataset, tmp_path):
-    config = _config(
-        tmp_path, "a2l_diffusion_tiny_cpu.yaml", max_steps=40, log_every=1, val_every=1000, checkpoint_every=20
-    )
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    _train(config, dataset, whole)
+DIFFUSION_RUN = dict(max_steps=40, log_every=1, val_every=1000)
+
+
+@pytest.fixture(scope="module")
+def diffusion_whole(dataset, tmp_path_factory):
+    """An uninterrupted 40-step run of the tiny diffusion recipe, the reference for the resume tests."""
+    tmp = tmp_path_factory.mktemp("whole")
+    _train(_config(tmp, "a2l_diffusion_tiny_cpu.yaml", checkpoint_every=20, **DIFFUSION_RUN), dataset, tmp / "run")
+    return tmp / "run"
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_run(run: Path, whole: Path) -> None:
+    """Bit for bit: the same step, loss and learning rate records (each step once) and the same final weights."""
+    from safetensors.numpy import load_file
+
+    curve = lambda r: [(x["step"], x["loss"], x["lr"]) for x in _records(r)]  # noqa: E731
+    assert curve(run) == curve(whole)
+    name = "diffusion_pytorch_model.safetensors"
+    wa, wb = load_file(whole / "final" / name), load_file(run / "final" / name)
+    assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+class _Planted:
+    """Unpickling this creates `path`: proof that a file was unpickled."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_diffusion_training_resumes_on_the_same_loss_curve_without_unpickling(dataset, diffusion_whole, tmp_path):
+    """A run stopped at step 20 and resumed gives the uninterrupted run's records and weights bit for bit. Its
+    checkpoint holds only safetensors and JSON files, and resuming ignores pickles planted where Accelerate keeps
+    its state (a pickle there that runs code when loaded)."""
+    import pickle
+
+    from safetensors import safe_open
+
+    config = _config(tmp_path, "a2l_diffusion_tiny_cpu.yaml", checkpoint_every=20, **DIFFUSION_RUN)
+    split = tmp_path / "split"
     _train(config, dataset, split, "--max-steps", "20")
+    checkpoint = split / "checkpoints" / "step_000020"
+    for path in checkpoint.iterdir():
+        assert path.suffix in (".json", ".safetensors"), path.name
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        else:
+            safe_open(str(path), "pt").keys()
+    sentinel = tmp_path / "unpickled"
+    payload = pickle.dumps(_Planted(sentinel))
+    pickle.loads(payload)  # the plant works: loading it runs code
+    assert sentinel.exists()
+    sentinel.unlink()
+    for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "random_states_0.pkl", "optimizer.bin"):
+        (checkpoint / name).write_bytes(payload)
     _train(config, dataset, split, "--resume")
-    a, b = _losses(whole), _losses(split)
-    assert sorted(a) == list(range(1, 41))
-    for step in range(21, 41):
-        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-7), step
-    assert np.mean([a[s] for s in range(31, 41)]) < np.mean([a[s] for s in range(1, 11)])  # the loss falls
+    assert not sentinel.exists()
+    _assert_same_run(split, diffusion_whole)
+    losses = _losses(split)
+    assert np.mean([losses[s] for s in range(31, 41)]) < np.mean([losses[s] for s in range(1, 11)])  # the loss falls
+
+
+def _complete(run: Path) -> list[Path]:
+    """Checkpoint folders under their final name (a rename publishes them only once `checkpoint.json` is written)."""
+    root = run / "checkpoints"
+    found = sorted(p for p in root.glob("step_*") if "." not in p.name)
+    for folder in found:
+        marker = json.loads((folder / "checkpoint.json").read_text())
+        assert all((folder / f).stat().st_size == size for f, size in marker["files"].items()), folder
+    return found
+
+
+def _logged_steps(run: Path) -> list[int]:
+    """The steps in metrics.jsonl so far (a line being written is skipped)."""
+    path, steps = run / "metrics.jsonl", []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            steps.append(json.loads(line)["step"])
+        except ValueError:
+            pass
+    return steps
+
+
+def _leftovers(run: Path) -> list[Path]:
+    """Folders being written or removed under checkpoints/."""
+    return list((run / "checkpoints").glob("step_*.*"))
+
+
+def _files(folder: Path) -> int:
+    try:
+        return len(list(folder.iterdir()))
+    except FileNotFoundError:  # renamed meanwhile
+        return 0
+
+
+def _kill_and_resume(config: Path, data: Path, run: Path, plan: list, seed: int) -> list[str]:
+    """Run train_a2l.py (directly, so that SIGKILL reaches the trainer itself) and kill it once per entry of `plan`,
+    resuming each time: ("save", k) kills while a checkpoint is being written, once its `.partial` folder holds k
+    files (13 = all, marker included, not yet renamed); ("delete",) while an old checkpoint is being removed;
+    ("random",) at a random moment up to 2 s after the run logged its third new step. Then lets the run finish. Returns
+    what each kill hit."""
+    import random
+    import signal
+    import time
+
+    rng = random.Random(seed)
+    command = [sys.executable, str(REPO / "training" / "train_a2l.py"), "--config", str(config)]
+    command += ["--data", str(data), "--out", str(run)]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    hits = []
+    for kill in [*plan, None]:
+        done = _complete(run)
+        start = int(done[-1].name[5:]) if done else 0
+        delay = rng.uniform(0, 2)
+        pause = {"LMDIFF_TEST_CHECKPOINT_PAUSE": "0.1"} if kill else {}
+        with open(run.parent / "stderr.txt", "w") as log:
+            args = ["--resume"] if done else []
+            process = subprocess.Popen(command + args, env=dict(env, **pause), stderr=log)
+        deadline = time.monotonic() + 600
+        stale = {p.name for p in _leftovers(run)}  # until the new run has removed them
+        while kill is not None and process.poll() is None and time.monotonic() < deadline:
+            entries = _leftovers(run)
+            stale &= {p.name for p in entries}
+            fresh = [p for p in entries if p.name not in stale]
+            if kill[0] == "save":
+                hit = [p for p in fresh if p.name.endswith(".partial") and _files(p) >= kill[1]]
+            elif kill[0] == "delete":
+                hit = [p for p in fresh if p.name.endswith(".deleting")]
+            else:
+                hit = ["random"] if max(_logged_steps(run), default=0) >= start + 3 else []
+                if hit:
+                    time.sleep(delay)
+            if hit:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                where = [str(h)[len(str(run)) + 1 :] for h in hit]
+                hits.append(f"{kill} from step {start}: at {where}, last logged step {max(_logged_steps(run))}")
+                break
+            time.sleep(0.01)
+        code = process.wait(timeout=600)
+        stderr = (run.parent / "stderr.txt").read_text()
+        assert code == (-signal.SIGKILL if kill else 0), (kill, code, stderr[-3000:])
+        if done:  # the newest complete checkpoint, whatever half-written folder is newer
+            assert f"resuming from {done[-1]}\n" in stderr, stderr[-3000:]
+        _complete(run)
+    return hits
+
+
+@pytest.mark.parametrize(
+    ("plan", "seed"),
+    [
+        pytest.param([("save", 7), ("random",)], 0, id="2kills"),
+        pytest.param(
+            [("random",), ("save", 2), ("save", 13), ("delete",), ("save", 11)], 1, marks=pytest.mark.slow, id="5kills"
+        ),
+    ],
+)
+def test_killed_training_resumes_on_the_same_loss_curve(dataset, diffusion_whole, tmp_path, plan, seed):
+    """SIGKILL a run (checkpoint every 2 steps) mid-save, mid-removal of an old checkpoint and at random moments,
+    resuming each time: every resume takes the newest complete checkpoint, and the run ends with the uninterrupted
+    run's records (no step twice) and weights, bit for bit; no half-written folder is left."""
+    config = _config(tmp_path, "a2l_diffusion_tiny_cpu.yaml", checkpoint_every=2, **DIFFUSION_RUN)
+    run = tmp_path / "run"
+    hits = _kill_and_resume(config, dataset, run, plan, seed)
+    print("\n".join(hits))
+    assert len(hits) == len(plan)
+    _assert_same_run(run, diffusion_whole)
+    assert _records(run) == _records(diffusion_whole)  # the validation at the last step too
+    assert [p.name for p in _complete(run)] == ["step_000038", "step_000040"]
+    assert not _leftovers(run) and not list(run.glob("*.partial"))
 
 
 def test_two_processes_match_one_with_the_same_global_batch(dataset, tmp_path):

@@ -15,14 +15,14 @@ same result as one process with the same global batch.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
-from trainer_common import TrainingStep, global_random, load_config, resume_checkpoint, run_training_steps
+from checkpoint import TrainingState, publish_folder
+from trainer_common import global_random, load_config, resume_checkpoint, run_training_steps, start_run
 
 from lmdiff_core.audio_features import load_feature_extractor
 from lmdiff_core.dataset import A2LWindowDataset, clip_arrays, dataset_motion_stats, load_index
@@ -156,7 +156,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data", required=True, help="dataset folder made by `lmdiff prepare`")
     parser.add_argument("--out", required=True, help="run folder")
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
-    parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the run folder's newest complete checkpoint"
+    )
     args = parser.parse_args(argv)
     try:
         return train(args)
@@ -215,37 +217,29 @@ def train(args) -> int:
         num_training_steps=max_steps,
     )
     ema = EMAModel(model.parameters(), decay=train_cfg.get("ema_decay", 0.999))
-    step = TrainingStep()
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
-    accelerator.register_for_checkpointing(ema, step)
+    state = TrainingState(accelerator, model, optimizer, lr_scheduler, ema)
     noise_scheduler = None
     if isinstance(accelerator.unwrap_model(model), A2LDiffusion):
         from lmdiff_core.pipelines.schedulers import make_scheduler
 
         noise_scheduler = make_scheduler(accelerator.unwrap_model(model), "ddpm")
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+    start_run(state, run_dir, resume_from)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
 
     features = load_feature_extractor(index["features"])
     motion = MotionStats.from_summary(dataset_motion_stats(data_dir, "train")["summary"])
     params = list(accelerator.unwrap_model(model).parameters())
     completed = run_training_steps(
-        accelerator,
-        model,
-        optimizer,
-        lr_scheduler,
+        state,
         loader,
         dataset,
-        ema,
         params,
-        step,
         max_steps,
         train_cfg,
         run_dir,
-        loss_fn=lambda batch: compute_loss(model, batch, step.value, config, accelerator, noise_scheduler),
+        loss_fn=lambda batch: compute_loss(model, batch, state.step, config, accelerator, noise_scheduler),
         validate_fn=lambda: validate(
             ema_pipeline(accelerator, model, ema, features, data_cfg, motion), data_dir, index
         ),
@@ -256,12 +250,8 @@ def train(args) -> int:
     if accelerator.is_main_process:
         pipeline = ema_pipeline(accelerator, model, ema, features, data_cfg, motion)
         partial = run_dir / "final.partial"
-        if partial.exists():
-            shutil.rmtree(partial)
         pipeline.save_pretrained(partial)
-        if (run_dir / "final").exists():
-            shutil.rmtree(run_dir / "final")
-        partial.rename(run_dir / "final")
+        publish_folder(partial, run_dir / "final")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
-from trainer_common import TrainingStep, global_random, load_config, resume_checkpoint, run_training_steps
+from checkpoint import TrainingState
+from trainer_common import global_random, load_config, resume_checkpoint, run_training_steps, start_run
 
 from lmdiff_core.autoencoders import load_autoencoder
 from lmdiff_core.errors import LmdiffInputError
@@ -204,7 +205,9 @@ def main(argv=None) -> int:
     parser.add_argument("--autoencoder", help="autoencoder path (overrides the config's autoencoder)")
     parser.add_argument("--out", required=True, help="run folder")
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
-    parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the run folder's newest complete checkpoint"
+    )
     args = parser.parse_args(argv)
     try:
         return train(args)
@@ -260,14 +263,11 @@ def train(args) -> int:
     )
     encoder = LatentEncoder(autoencoder, train_cfg.get("cache_latents", False))
     ema = EMAModel(params, decay=train_cfg.get("ema_decay", 0.999))
-    step = TrainingStep()
     model, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
-    accelerator.register_for_checkpointing(ema, step)
+    state = TrainingState(accelerator, model, optimizer, lr_scheduler, ema)
     noise_scheduler = make_scheduler(accelerator.unwrap_model(model), "ddpm")
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+    start_run(state, run_dir, resume_from)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump({**config, "autoencoder": str(ae_path)}))
 
     settings = dict(
@@ -277,19 +277,14 @@ def train(args) -> int:
         overlap=data_cfg.get("overlap", 2),
     )
     completed = run_training_steps(
-        accelerator,
-        model,
-        optimizer,
-        lr_scheduler,
+        state,
         loader,
         dataset,
-        ema,
         params,
-        step,
         max_steps,
         train_cfg,
         run_dir,
-        loss_fn=lambda batch: compute_loss(model, batch, encoder, noise_scheduler, step.value, config, accelerator),
+        loss_fn=lambda batch: compute_loss(model, batch, encoder, noise_scheduler, state.step, config, accelerator),
         validate_fn=lambda: evaluate_heldout(ema_pipeline(accelerator, model, ema, autoencoder, settings), val_dataset),
         default_every=200,
     )

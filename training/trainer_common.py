@@ -1,17 +1,18 @@
-"""Pieces both trainers share: the config file, the saved step counter, per-step global randomness, full-state
-checkpoints and the run folder's protection."""
+"""Pieces both trainers share: the config file, per-step global randomness, the run folder's protection and
+resumption, and the optimisation loop."""
 
 from __future__ import annotations
 
-import shutil
+import json
+import os
+import sys
 from pathlib import Path
 
 import torch
 import yaml
+from checkpoint import TrainingState, latest_checkpoint, remove_leftovers
 
 from lmdiff_core.errors import LmdiffInputError
-
-KEEP_CHECKPOINTS = 2
 
 
 def load_config(path) -> dict:
@@ -24,19 +25,6 @@ def load_config(path) -> dict:
         if section not in config:
             raise LmdiffInputError(f"training config {path} has no '{section}' section")
     return config
-
-
-class TrainingStep:
-    """The step counter, saved with the checkpoint."""
-
-    def __init__(self):
-        self.value = 0
-
-    def state_dict(self):
-        return {"step": self.value}
-
-    def load_state_dict(self, state):
-        self.value = int(state["step"])
 
 
 def global_random(step: int, seed: int, batch: int, shape: tuple, rank: int, world: int, kind: str, **kw):
@@ -54,47 +42,53 @@ def global_random(step: int, seed: int, batch: int, shape: tuple, rank: int, wor
     return full[rank * per : (rank + 1) * per]
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / "checkpoints").glob("step_*"))
-    return found[-1] if found else None
-
-
 def resume_checkpoint(run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None for a new run); a new run never goes into a folder that holds one."""
+    """The newest complete checkpoint to resume from (None for a new run); a new run never goes into a folder that
+    holds one."""
     latest = latest_checkpoint(run_dir)
     if resume and latest is None:
-        raise LmdiffInputError(f"--resume: {run_dir} has no checkpoint to resume from")
+        raise LmdiffInputError(f"--resume: {run_dir} has no complete checkpoint to resume from")
     if not resume and latest is not None:
         raise LmdiffInputError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
     return latest
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int) -> None:
-    """Full training state under checkpoints/step_NNNNNN, written to a temporary folder first."""
-    folder = run_dir / "checkpoints" / f"step_{step:06d}"
-    partial = folder.with_name(folder.name + ".partial")
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if folder.exists():
-            shutil.rmtree(folder)
-        partial.rename(folder)
-        for old in sorted((run_dir / "checkpoints").glob("step_*"))[:-KEEP_CHECKPOINTS]:
-            if not old.name.endswith(".partial"):
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+def start_run(state: TrainingState, run_dir: Path, resume_from: Path | None) -> None:
+    """Load the checkpoint (if any) and, on the main process, clear what killed runs left: half-written folders and
+    `metrics.jsonl` lines after the checkpoint's step (a new run starts an empty one)."""
+    if resume_from is not None:
+        state.load(resume_from)
+    if state.accelerator.is_main_process:
+        if resume_from is not None:
+            print(f"resuming from {resume_from}", file=sys.stderr)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(run_dir)
+        remove_leftovers(run_dir / "checkpoints")
+        trim_metrics(run_dir / "metrics.jsonl", state.step)
+    state.accelerator.wait_for_everyone()
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps <= `step` (dropping a line a kill cut short), replacing the file atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(kept))
+    os.replace(partial, path)
 
 
 def run_training_steps(
-    accelerator,
-    model,
-    optimizer,
-    lr_scheduler,
+    state: TrainingState,
     loader,
     dataset,
-    ema,
     params,
-    step,
     max_steps: int,
     train_cfg: dict,
     run_dir: Path,
@@ -102,25 +96,24 @@ def run_training_steps(
     validate_fn,
     default_every: int,
 ) -> bool:
-    """The optimisation loop both trainers share, from `step` to `max_steps`: epochs reseed the loader and the
+    """The optimisation loop both trainers share, from `state.step` to `max_steps`: epochs reseed the loader and the
     dataset (a resumed run skips the batches already seen), gradient accumulation and clipping of `params`, EMA,
     `metrics.jsonl` (loss, lr, and `validate_fn()`'s numbers every `val_every` steps), checkpoints every
     `checkpoint_every` steps. `loss_fn(batch)` gives the loss. Returns False when interrupted (after saving a
     checkpoint), True when `max_steps` is reached."""
-    import json
-    import sys
-
     from tqdm.auto import tqdm
+
+    accelerator, model, optimizer, lr_scheduler = state.accelerator, state.model, state.optimizer, state.lr_scheduler
 
     metrics_path = run_dir / "metrics.jsonl"
     steps_per_epoch = len(loader)
-    bar = tqdm(total=max_steps, initial=step.value, disable=not accelerator.is_main_process, desc="train")
+    bar = tqdm(total=max_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train")
     try:
-        while step.value < max_steps:
-            epoch = step.value // steps_per_epoch
+        while state.step < max_steps:
+            epoch = state.step // steps_per_epoch
             loader.set_epoch(epoch)
             dataset.set_epoch(epoch)
-            skip = step.value - epoch * steps_per_epoch
+            skip = state.step - epoch * steps_per_epoch
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
             for batch in batches:
                 with accelerator.accumulate(model):
@@ -133,25 +126,25 @@ def run_training_steps(
                     optimizer.zero_grad()
                 if not accelerator.sync_gradients:
                     continue
-                ema.step(params)
-                step.value += 1
+                state.ema.step(params)
+                state.step += 1
                 bar.update(1)
                 loss_value = accelerator.reduce(loss.detach(), "mean").item()
-                record = {"step": step.value, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}
-                if step.value % train_cfg.get("val_every", default_every) == 0 or step.value == max_steps:
+                record = {"step": state.step, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}
+                if state.step % train_cfg.get("val_every", default_every) == 0 or state.step == max_steps:
                     record.update(validate_fn())
                 if accelerator.is_main_process and (
-                    step.value % train_cfg.get("log_every", 10) == 0 or len(record) > 3 or step.value == max_steps
+                    state.step % train_cfg.get("log_every", 10) == 0 or len(record) > 3 or state.step == max_steps
                 ):
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(record) + "\n")
-                if step.value % train_cfg.get("checkpoint_every", default_every) == 0 or step.value == max_steps:
-                    save_checkpoint(accelerator, run_dir, step.value)
-                if step.value >= max_steps:
+                if state.step % train_cfg.get("checkpoint_every", default_every) == 0 or state.step == max_steps:
+                    state.save(run_dir)
+                if state.step >= max_steps:
                     break
     except KeyboardInterrupt:
-        save_checkpoint(accelerator, run_dir, step.value)
-        print(f"interrupted at step {step.value}; resume with --resume", file=sys.stderr)
+        state.save(run_dir)
+        print(f"interrupted at step {state.step}; resume with --resume", file=sys.stderr)
         return False
     bar.close()
     return True
