@@ -253,18 +253,19 @@ def _kill_and_resume(config: Path, data: Path, run: Path, plan: list, seed: int)
     """Run train_a2l.py (directly, so that SIGKILL reaches the trainer itself) and kill it once per entry of `plan`,
     resuming each time: ("save", k) kills while a checkpoint is being written, once its `.partial` folder holds k
     files (13 = all, marker included, not yet renamed); ("delete",) while an old checkpoint is being removed;
-    ("random",) at a random moment up to 2 s after the run logged its third new step. Then lets the run finish. Returns
-    what each kill hit."""
+    ("random",) at a random moment up to 2 s later. Each kill waits until the run has logged a random step (spread
+    over steps 3-33, increasing) and 3 steps since its start. Then lets the run finish. Returns what each kill hit."""
     import random
     import signal
     import time
 
     rng = random.Random(seed)
+    targets = sorted(rng.sample(range(3, 34), len(plan)))
     command = [sys.executable, str(REPO / "training" / "train_a2l.py"), "--config", str(config)]
     command += ["--data", str(data), "--out", str(run)]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     hits = []
-    for kill in [*plan, None]:
+    for kill, target in zip([*plan, None], [*targets, 0]):
         done = _complete(run)
         start = int(done[-1].name[5:]) if done else 0
         delay = rng.uniform(0, 2)
@@ -278,18 +279,19 @@ def _kill_and_resume(config: Path, data: Path, run: Path, plan: list, seed: int)
             entries = _leftovers(run)
             stale &= {p.name for p in entries}
             fresh = [p for p in entries if p.name not in stale]
-            if kill[0] == "save":
+            if max(_logged_steps(run), default=0) < max(target, start + 3):
+                hit = []
+            elif kill[0] == "save":
                 hit = [p for p in fresh if p.name.endswith(".partial") and _files(p) >= kill[1]]
             elif kill[0] == "delete":
                 hit = [p for p in fresh if p.name.endswith(".deleting")]
             else:
-                hit = ["random"] if max(_logged_steps(run), default=0) >= start + 3 else []
-                if hit:
-                    time.sleep(delay)
+                hit = ["random"]
+                time.sleep(delay)
             if hit:
                 process.send_signal(signal.SIGKILL)
                 process.wait()
-                where = [str(h)[len(str(run)) + 1 :] for h in hit]
+                where = [h if isinstance(h, str) else h.relative_to(run).as_posix() for h in hit]
                 hits.append(f"{kill} from step {start}: at {where}, last logged step {max(_logged_steps(run))}")
                 break
             time.sleep(0.01)
