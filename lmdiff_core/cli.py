@@ -341,7 +341,11 @@ def cmd_a2l(args) -> None:
     preview = _output(args.preview, (".mp4",), "preview") if args.preview else None
     if not args.pose_from:
         _refuse(args, ("max_gap", "no_smooth"), "without --pose-from (they apply to its video)")
+        if Path(args.reference).suffix.lower() == ".npz":
+            _refuse(args, DETECTOR_OPTIONS, "with a landmark-file --reference and no --pose-from (nothing to detect)")
     pipeline = AudioToLandmarksPipeline.from_pretrained(args.checkpoint)
+    if not pipeline.is_diffusion:
+        _refuse(args, ("steps", "guidance"), f"with {args.checkpoint}: it is not a diffusion A2L model")
     audio = read_audio(args.audio)
     reference, image = _reference_landmarks(args, Path(args.reference))
     if reference.space == "image":
@@ -386,6 +390,8 @@ def cmd_generate(args) -> None:
     out = _output(args.output, (".mp4",), "video")
     if args.image:
         _refuse(args, ("max_gap", "no_smooth"), "with --image (they apply to a --video)")
+    else:
+        _refuse(args, ("image_mode",), "with --video (it applies to an --image)")
     pipeline = _talking_head_pipeline(args)
     audio = read_audio(args.audio)
     image = read_image(args.image) if args.image else None
