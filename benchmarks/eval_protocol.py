@@ -658,10 +658,12 @@ def main(argv=None) -> int:
         "summary": summarise(records, args.modes),
         "clips": records,
     }
+    from lmdiff_core.evaluation import to_json
+
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"eval_protocol_{args.name}.json"
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    path.write_text(to_json(report))  # strict JSON: a metric that is not finite is null
     path.with_suffix(".md").write_text(markdown(report))
     print(f"wrote {path} and {path.with_suffix('.md').name} in {total / 60:.1f} min")
     return 0 if any(r["status"] != "failed" for r in records.values()) else 1

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,8 @@ import numpy as np
 from .errors import LmdiffInputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+DEFAULT_FPS = 25.0
+DEFAULT_MAX_GAP = 12
 
 
 def _progress(total: int | None, desc: str):
@@ -29,6 +34,16 @@ def _with_progress(frames, total: int, desc: str):
             yield frame
 
 
+def _writable(folder: Path, what: str, target: Path) -> None:
+    """Refuse `target` when a file cannot be created in `folder` (tried for real: permissions, read-only disks)."""
+    probe = folder / f".lmdiff-write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.open("x").close()
+        probe.unlink()
+    except OSError as exc:
+        raise LmdiffInputError(f"cannot write {what} {target}: its folder {folder} is not writable ({exc.strerror})")
+
+
 def _output(path: str, suffixes: tuple[str, ...], what: str) -> Path:
     out = Path(path)
     if out.suffix.lower() not in suffixes:
@@ -37,51 +52,81 @@ def _output(path: str, suffixes: tuple[str, ...], what: str) -> Path:
         raise LmdiffInputError(f"{what} {out} is a directory; expected a file path")
     if not out.parent.is_dir():
         raise LmdiffInputError(f"cannot write {what} {out}: its folder {out.parent} does not exist")
+    _writable(out.parent, what, out)
     return out
 
 
-def _face_selector(value: str):
-    if value == "largest":
-        return value
+def _output_folder(path: str, what: str) -> Path:
+    """An output folder (created later by the command, with its parents): not a file, and writable."""
+    out = Path(path).expanduser()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise LmdiffInputError(f"{what} {out}: {existing} is a file; expected a folder (new or existing)")
+    _writable(existing, what, out)
+    return out
+
+
+def _given(args, *names: str) -> list[str]:
+    """The options among `names` that this run's command has and that the user set to other than their default."""
+    return [
+        f"--{n.replace('_', '-')}" for n in names if hasattr(args, n) and getattr(args, n) != args.parser.get_default(n)
+    ]
+
+
+def _refuse(args, names: tuple[str, ...], why: str) -> None:
+    """Refuse options that would do nothing in this run, rather than ignore them."""
+    given = _given(args, *names)
+    if given:
+        raise LmdiffInputError(f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} nothing {why}")
+
+
+def _fps(args) -> float:
+    return DEFAULT_FPS if args.fps is None else args.fps
+
+
+def _max_gap(args) -> int:
+    return DEFAULT_MAX_GAP if args.max_gap is None else args.max_gap
+
+
+def _face_selector(value: str | None):
+    if value is None or value == "largest":
+        return "largest"
     try:
-        return int(value)
+        index = int(value)
     except ValueError:
-        raise LmdiffInputError(f"--face must be 'largest' or a face index (0 = leftmost), got {value!r}") from None
+        index = -1
+    if index < 0:
+        raise LmdiffInputError(f"--face must be 'largest' or a face index (0 = leftmost), got {value!r}")
+    return index
 
 
 def _open_landmarker(args, video: bool):
     from .detectors import MEDIAPIPE_MODEL_ENV, load_landmarker
 
-    name = args.detector
+    name = args.detector or "auto"
     if name == "auto":
         name = "mediapipe" if (args.model or os.environ.get(MEDIAPIPE_MODEL_ENV)) else "dlib"
     return load_landmarker(name, args.model, video=video)
 
 
-def _extract(args, source: Path, max_frames=None):
-    """Landmarks of an image or a video file, smoothed for video unless --no-smooth."""
+def _extract(args, source: Path, fps: float | None = None):
+    """Landmarks of an image or a video file (at `fps`, default --fps), smoothed for video unless --no-smooth."""
     from .detectors import detect_image, extract_landmarks
     from .media import frame_count, iter_frames, probe_video, read_image
     from .smoothing import smooth_landmarks
 
     face = _face_selector(args.face)
     if source.suffix.lower() in IMAGE_SUFFIXES:
+        _refuse(args, ("fps", "max_gap", "no_smooth"), f"for an image ({source}); they apply to videos")
         image = read_image(source)
         with _open_landmarker(args, video=False) as landmarker:
             return detect_image(image, landmarker, face, source=str(source)), None
+    fps = _fps(args) if fps is None else fps
     info = probe_video(source)
-    total = frame_count(info.duration, args.fps)
-    if max_frames is not None:
-        total = min(total, max_frames)
+    total = frame_count(info.duration, fps)
     with _open_landmarker(args, video=True) as landmarker, _progress(total, "landmarks") as bar:
         seq = extract_landmarks(
-            iter_frames(source, args.fps, max_frames=total),
-            landmarker,
-            args.fps,
-            face,
-            args.max_gap,
-            str(source),
-            progress=lambda n: bar.update(1),
+            iter_frames(source, fps), landmarker, fps, face, _max_gap(args), str(source), lambda n: bar.update(1)
         )
     return (seq if args.no_smooth else smooth_landmarks(seq)), info
 
@@ -104,6 +149,19 @@ def _write_preview(path: Path, frames, seq, canonical, fps: float, audio=None) -
         write_video(path, frames, fps, audio=audio)
 
 
+def _save_with_preview(seq, out: Path, preview: Path | None, write_preview) -> None:
+    """Save landmarks `seq` at `out` and, with a `preview` path, call `write_preview()`. The landmarks are written
+    first under a temporary name, so the preview is made only for landmarks that saved, and both appear together:
+    a failed run leaves earlier files as they were."""
+    partial = seq.save(out.with_name(f".{out.stem}.part.npz"))
+    try:
+        if preview is not None:
+            write_preview()
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def cmd_landmarks(args) -> None:
     from .canonical import canonicalize
     from .media import iter_frames, read_audio, read_image
@@ -113,20 +171,16 @@ def cmd_landmarks(args) -> None:
     preview = _output(args.preview, (".mp4", ".png"), "preview") if args.preview else None
     seq, info = _extract(args, source)
     canonical = canonicalize(seq)
-    # Both outputs appear together or not at all: the landmarks wait under a temporary name for the preview.
-    partial = (canonical if args.canonical else seq).save(out.with_name(f".{out.stem}.part.npz"))
-    try:
-        if preview is not None:
-            if info is None:
-                frames = [read_image(source)]
-                audio = None
-            else:
-                frames = iter_frames(source, args.fps, max_frames=len(seq))
-                audio = read_audio(source) if info.has_audio else None
-            _write_preview(preview, frames, seq, canonical, args.fps, audio)
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
+
+    def write_preview():
+        if info is None:
+            frames, audio = [read_image(source)], None
+        else:
+            frames = iter_frames(source, seq.fps, max_frames=len(seq))
+            audio = read_audio(source) if info.has_audio else None
+        _write_preview(preview, frames, seq, canonical, seq.fps, audio)
+
+    _save_with_preview(canonical if args.canonical else seq, out, preview, write_preview)
     print(f"{out}: {seq}")
 
 
@@ -158,6 +212,7 @@ def cmd_crop(args) -> None:
     out = _output(args.output, (".mp4",), "video")
     info = probe_video(source)
     if args.landmarks:
+        _refuse(args, DETECTOR_OPTIONS, "with --landmarks (they are for detecting landmarks)")
         seq = LandmarkSequence.load(args.landmarks)
     else:
         seq, _ = _extract(args, source)
@@ -187,9 +242,9 @@ def cmd_demo(args) -> None:
 
     out = _output(args.output, (".mp4",), "video")
     if not args.landmarks_only:
-        audio = demo_speech(args.seconds)
-        _talking_head(args, audio, out, image=demo_portrait())
+        _talking_head(args, _talking_head_pipeline(args), demo_speech(args.seconds), out, image=demo_portrait())
         return
+    _refuse(args, GENERATION_OPTIONS, "with --landmarks-only (they are for generating)")
     _landmark_demo(args, out)
 
 
@@ -224,6 +279,9 @@ def _landmark_demo(args, out: Path) -> None:
 def cmd_prepare(args) -> None:
     from .dataset import prepare_dataset
 
+    output = _output_folder(args.output, "dataset folder")
+    with _open_landmarker(args, video=True):  # a bad --detector or --model fails here, not once per clip
+        pass
     with _progress(None, "clips") as bar:
 
         def progress(done, total, clip_id, status):
@@ -234,18 +292,25 @@ def cmd_prepare(args) -> None:
 
         report = prepare_dataset(
             args.sources,
-            args.output,
+            output,
             lambda: _open_landmarker(args, video=True),
             features=args.features,
             crop_size=args.crop_size,
             val_fraction=args.val_fraction,
             min_seconds=args.min_seconds,
-            fps=args.fps,
-            max_gap=args.max_gap,
+            fps=_fps(args),
+            max_gap=_max_gap(args),
             face=_face_selector(args.face),
+            smooth="none" if args.no_smooth else "canonical",
             progress=progress,
         )
-    print(report.summary() if hasattr(report, "summary") else report)
+    print(report.summary())
+    if report.failed and not (report.done or report.skipped_existing):
+        first = report.failed[0]
+        raise LmdiffInputError(
+            f"every source failed ({len(report.failed)}; reasons in {output / 'report.json'}), "
+            f"e.g. {first.source}: {first.message}"
+        )
 
 
 def _reference_landmarks(args, path: Path):
@@ -274,11 +339,17 @@ def cmd_a2l(args) -> None:
 
     out = _output(args.output, (".npz",), "landmark file")
     preview = _output(args.preview, (".mp4",), "preview") if args.preview else None
+    if not args.pose_from:
+        _refuse(args, ("max_gap", "no_smooth"), "without --pose-from (they apply to its video)")
+        if Path(args.reference).suffix.lower() == ".npz":
+            _refuse(args, DETECTOR_OPTIONS, "with a landmark-file --reference and no --pose-from (nothing to detect)")
+    pipeline = AudioToLandmarksPipeline.from_pretrained(args.checkpoint)
+    if not pipeline.is_diffusion:
+        _refuse(args, ("steps", "guidance"), f"with {args.checkpoint}: it is not a diffusion A2L model")
     audio = read_audio(args.audio)
     reference, image = _reference_landmarks(args, Path(args.reference))
     if reference.space == "image":
         reference = canonicalize(reference)
-    pipeline = AudioToLandmarksPipeline.from_pretrained(args.checkpoint)
     with _progress(None, "a2l") as bar:
 
         def progress(done, total):
@@ -295,19 +366,21 @@ def cmd_a2l(args) -> None:
         )
     n = len(talking)
     if args.pose_from:
-        driving_seq, _ = _extract(args, Path(args.pose_from))
+        driving_seq, _ = _extract(args, Path(args.pose_from), fps=talking.fps)
         driving = canonicalize(driving_seq).fit_length(n)
         talking = talking.replace(pose=driving.pose, image_size=driving.image_size)
     else:
         talking = apply_head_motion(talking, generate_head_motion(n, talking.fps, pipeline.motion_stats, args.seed))
     talking = add_blinks(talking, blink_curve(n, talking.fps, pipeline.motion_stats, args.seed))
-    if preview is not None:
+
+    def write_preview():
         posed = uncanonicalize(talking)
-        if image is None or args.pose_from:
-            image = np.zeros((posed.frame_size[1], posed.frame_size[0], 3), np.uint8)
-        frames = (image for _ in range(n))
-        _write_preview(preview, frames, posed, talking, talking.fps, audio)
-    talking.save(out)
+        still = image
+        if still is None or args.pose_from:
+            still = np.zeros((posed.frame_size[1], posed.frame_size[0], 3), np.uint8)
+        _write_preview(preview, (still for _ in range(n)), posed, talking, talking.fps, audio)
+
+    _save_with_preview(talking, out, preview, write_preview)
     print(f"{out}: {talking}")
 
 
@@ -315,16 +388,20 @@ def cmd_generate(args) -> None:
     from .media import read_audio, read_image
 
     out = _output(args.output, (".mp4",), "video")
+    if args.image:
+        _refuse(args, ("max_gap", "no_smooth"), "with --image (they apply to a --video)")
+    else:
+        _refuse(args, ("image_mode",), "with --video (it applies to an --image)")
+    pipeline = _talking_head_pipeline(args)
     audio = read_audio(args.audio)
     image = read_image(args.image) if args.image else None
-    _talking_head(args, audio, out, image=image, video=args.video)
+    _talking_head(args, pipeline, audio, out, image=image, video=args.video)
 
 
-def _talking_head(args, audio: np.ndarray, out: Path, image=None, video=None) -> None:
-    """Speech + a portrait or a video -> `out` (mp4 with the speech), with the checkpoints the arguments name."""
+def _talking_head_pipeline(args):
+    """The A2L + L2V pipeline of the checkpoints the arguments name (loaded before any media is read)."""
     from .autoencoders import load_autoencoder
     from .checkpoints import BUNDLED_A2L, BUNDLED_L2V
-    from .media import write_video
     from .pipelines.a2l import AudioToLandmarksPipeline
     from .pipelines.l2v import LandmarkToVideoPipeline
     from .pipelines.talking_head import TalkingHeadPipeline
@@ -337,7 +414,14 @@ def _talking_head(args, audio: np.ndarray, out: Path, image=None, video=None) ->
     if args.vae is None and needed != "pixel":
         raise LmdiffInputError(f"this L2V model works on {needed} latents: pass that autoencoder with --vae PATH")
     l2v.set_autoencoder(load_autoencoder(args.vae or "pixel"))
-    pipeline = TalkingHeadPipeline(a2l, l2v)
+    return TalkingHeadPipeline(a2l, l2v)
+
+
+def _talking_head(args, pipeline, audio: np.ndarray, out: Path, image=None, video=None) -> None:
+    """Speech + a portrait or a video -> `out` (mp4 with the speech) through `pipeline`."""
+    from .media import write_video
+
+    fps = getattr(args, "fps", None) or pipeline.a2l.fps
     with _open_landmarker(args, video=image is None) as landmarker, _progress(None, "generate") as bar:
 
         def progress(stage, done, total):
@@ -355,15 +439,21 @@ def _talking_head(args, audio: np.ndarray, out: Path, image=None, video=None) ->
             seed=args.seed,
             image_mode=args.image_mode.replace("-", "_"),
             progress=progress,
+            face=_face_selector(getattr(args, "face", None)),
+            max_gap=_max_gap(args) if hasattr(args, "max_gap") else DEFAULT_MAX_GAP,
+            smooth=not getattr(args, "no_smooth", False),
+            fps=fps,
         )
-        write_video(out, frames, a2l.fps, audio=audio)
-    print(f"{out}: {n} frames at {a2l.fps:g} fps with the speech")
+        write_video(out, frames, fps, audio=audio)
+    print(f"{out}: {n} frames at {fps:g} fps with the speech")
 
 
 def cmd_eval(args) -> None:
     from .evaluation import EvalNetworks, EvalWeights, evaluate, evaluate_folder
 
     pred, gt = Path(args.pred), Path(args.gt)
+    output = _output_folder(args.output, "report folder")
+    tracking = dict(fps=_fps(args), face=_face_selector(args.face), max_gap=_max_gap(args))
     weights = EvalWeights(
         arcface=args.arcface,
         inception=args.inception,
@@ -375,18 +465,24 @@ def cmd_eval(args) -> None:
     if pred.is_dir() and gt.is_dir():
         networks = EvalNetworks(weights)
         with _open_landmarker(args, video=True) as landmarker:
-            summary = evaluate_folder(pred, gt, landmarker, args.output, fps=args.fps, networks=networks)
-        print(f"{args.output}: {len(summary['pairs'])} pairs scored, means in summary.md")
+            summary = evaluate_folder(pred, gt, landmarker, output, networks=networks, **tracking)
+        print(f"{output}: {len(summary['pairs'])} pairs scored, means in summary.md")
+        if summary["failed"]:
+            failed = "; ".join(f"{name}: {why}" for name, why in summary["failed"].items())
+            raise LmdiffInputError(
+                f"{len(summary['failed'])} of {len(summary['failed']) + len(summary['pairs'])} pairs failed "
+                f"(listed in {output / 'summary.json'}): {failed}"
+            )
         return
     for name, path in (("--pred", pred), ("--gt", gt)):
         if not path.is_file():
             raise LmdiffInputError(f"{name} {path} is not a video file (give two files, or two folders)")
     networks = EvalNetworks(weights)
     with _open_landmarker(args, video=True) as landmarker:
-        report = evaluate(pred, gt, landmarker, args.output, fps=args.fps, networks=networks)
+        report = evaluate(pred, gt, landmarker, output, networks=networks, **tracking)
     p, b = report["prediction"], report["baselines"]
     print(
-        f"{args.output}: {report['frames']} frames; mouth PSNR {p['psnr_mouth']:.2f} dB (frozen lower face "
+        f"{output}: {report['frames']} frames; mouth PSNR {p['psnr_mouth']:.2f} dB (frozen lower face "
         f"{b['frozen_lower_face']['psnr_mouth']:.2f}), mouth-opening correlation {p['mouth_opening_correlation']:.3f}"
     )
 
@@ -409,22 +505,66 @@ def cmd_download_model(args) -> None:
     print(f"{target}\nuse it with --model {target} or: export LMDIFF_MEDIAPIPE_MODEL={target}")
 
 
-def _add_detector_args(p: argparse.ArgumentParser) -> None:
+DETECTOR_OPTIONS = ("detector", "model", "face", "fps", "max_gap", "no_smooth")
+GENERATION_OPTIONS = ("image_mode", "a2l", "l2v", "vae", "steps", "guidance", "sampler", "size", "seed")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as the CLI reports every user error: one line, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, minimum, what: str):
+    """An argparse type: a `kind` number of at least `minimum` (above it when `minimum` is a float)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not (value > minimum if kind is float else value >= minimum):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, 1, "a whole number of at least 1")
+_non_negative_int = _number(int, 0, "a whole number of at least 0")
+_positive_float = _number(float, 0.0, "a number above 0")
+
+
+def _add_detector_args(p: argparse.ArgumentParser, options: tuple[str, ...] = DETECTOR_OPTIONS) -> None:
+    """The detector options among `options` (a command offers only those it obeys)."""
     p.add_argument(
         "--detector",
         choices=("auto", "mediapipe", "dlib", "insightface"),
-        default="auto",
-        help="landmark detector; auto = mediapipe when a model is given (--model or $LMDIFF_MEDIAPIPE_MODEL), else dlib",
+        help="landmark detector; auto (default) = mediapipe when a model is given (--model or "
+        "$LMDIFF_MEDIAPIPE_MODEL), else dlib",
     )
     p.add_argument("--model", help="detector model: MediaPipe .task file, dlib .dat file or insightface root folder")
+    if "face" in options:
+        p.add_argument("--face", help="which face to follow: 'largest' (default) or an index from the left, from 0")
+    if "fps" in options:
+        p.add_argument("--fps", type=_positive_float, help="frame rate to resample video to (default 25)")
+    if "max_gap" in options:
+        p.add_argument(
+            "--max-gap",
+            type=_non_negative_int,
+            help=f"longest run of frames without a face to fill in (default {DEFAULT_MAX_GAP})",
+        )
+    if "no_smooth" in options:
+        p.add_argument("--no-smooth", action="store_true", help="keep the raw detector output (no One Euro smoothing)")
+
+
+def _add_allow_partial(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--face", default="largest", help="which face to follow: 'largest' or an index from the left (default largest)"
+        "--allow-partial",
+        action="store_true",
+        help="use what decodes of a truncated or damaged video or audio file (default: refuse it)",
     )
-    p.add_argument("--fps", type=float, default=25.0, help="frame rate to resample video to (default 25)")
-    p.add_argument(
-        "--max-gap", type=int, default=12, help="longest run of frames without a face to fill in (default 12)"
-    )
-    p.add_argument("--no-smooth", action="store_true", help="keep the raw detector output (no One Euro smoothing)")
 
 
 def _add_generation_args(p, image_mode: str) -> None:
@@ -438,17 +578,15 @@ def _add_generation_args(p, image_mode: str) -> None:
     p.add_argument("--a2l", help="A2L checkpoint folder (default: the bundled checkpoints/a2l)")
     p.add_argument("--l2v", help="L2V checkpoint folder (default: the bundled checkpoints/l2v)")
     p.add_argument("--vae", help="autoencoder the L2V model was trained with (a TAESD-family folder or a VAE file)")
-    p.add_argument("--steps", type=int, default=20, help="L2V sampling steps")
+    p.add_argument("--steps", type=_positive_int, default=20, help="L2V sampling steps")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance on the landmarks")
     p.add_argument("--sampler", choices=("ddim", "dpm++", "unipc"), default="ddim")
-    p.add_argument("--size", type=int, help="face crop size (default: the L2V checkpoint's)")
+    p.add_argument("--size", type=_positive_int, help="face crop size (default: the L2V checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lmdiff", description="Audio-driven talking heads with landmark-guided diffusion."
-    )
+    parser = _Parser(prog="lmdiff", description="Audio-driven talking heads with landmark-guided diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("landmarks", help="detect face landmarks in a video or image")
@@ -457,36 +595,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", help="side-by-side preview: frame with landmarks | canonical landmarks (.mp4 or .png)")
     p.add_argument("--canonical", action="store_true", help="save the pose-free canonical landmarks (with their pose)")
     _add_detector_args(p)
-    p.set_defaults(func=cmd_landmarks)
+    _add_allow_partial(p)
+    p.set_defaults(func=cmd_landmarks, parser=p)
 
     p = sub.add_parser("render", help="render a landmark file to a conditioning video")
     p.add_argument("input", help="landmark file (.npz)")
     p.add_argument("-o", "--output", required=True, help="video file (.mp4)")
-    p.add_argument("--size", type=int, default=512, help="output width and height (default 512)")
+    p.add_argument("--size", type=_positive_int, default=512, help="output width and height (default 512)")
     p.add_argument("--audio", help="audio to mux in (fitted to the landmark sequence's length)")
     p.add_argument("--style", choices=("parts", "mesh"), default="parts")
-    p.add_argument("--thickness", type=float, default=2.0)
-    p.set_defaults(func=cmd_render)
+    p.add_argument("--thickness", type=_positive_float, default=2.0)
+    _add_allow_partial(p)
+    p.set_defaults(func=cmd_render, parser=p)
 
     p = sub.add_parser("crop", help="aligned, stabilised face crops of a video")
     p.add_argument("input", help="video file")
     p.add_argument("-o", "--output", required=True, help="video file (.mp4)")
-    p.add_argument("--size", type=int, default=256, help="crop size in pixels (default 256)")
+    p.add_argument("--size", type=_positive_int, default=256, help="crop size in pixels (default 256)")
     p.add_argument("--landmarks", help="use this landmark file instead of detecting")
     _add_detector_args(p)
-    p.set_defaults(func=cmd_crop)
+    _add_allow_partial(p)
+    p.set_defaults(func=cmd_crop, parser=p)
 
     p = sub.add_parser("demo", help="a talking-head video of the bundled portrait and speech-like audio (no downloads)")
     p.add_argument("-o", "--output", default="lmdiff_demo.mp4", help="video (default lmdiff_demo.mp4)")
-    p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--seconds", type=_positive_float, default=4.0)
     p.add_argument(
         "--landmarks-only",
         action="store_true",
         help="run only the landmark pipeline on the portrait moved by a known head motion (preview + .npz)",
     )
     _add_generation_args(p, image_mode="still")
-    _add_detector_args(p)
-    p.set_defaults(func=cmd_demo)
+    _add_detector_args(p, options=())
+    p.set_defaults(func=cmd_demo, parser=p)
 
     p = sub.add_parser("prepare", help="turn talking videos into an A2L/L2V training set")
     p.add_argument("sources", nargs="+", help="video files or folders of videos")
@@ -494,11 +635,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--features", default="logmel", help="audio features: logmel, or a local wav2vec2/HuBERT/Whisper folder"
     )
-    p.add_argument("--crop-size", type=int, default=256, help="face crops for the L2V stage (0: none)")
+    p.add_argument("--crop-size", type=_non_negative_int, default=256, help="face crops for the L2V stage (0: none)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of clips in the validation split")
     p.add_argument("--min-seconds", type=float, default=2.0, help="skip clips shorter than this")
     _add_detector_args(p)
-    p.set_defaults(func=cmd_prepare)
+    _add_allow_partial(p)
+    p.set_defaults(func=cmd_prepare, parser=p)
 
     p = sub.add_parser("a2l", help="speech -> talking landmarks with a trained A2L checkpoint")
     p.add_argument("--audio", required=True, help="speech (wav, mp3, flac, m4a or a video with sound)")
@@ -508,10 +650,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pose-from", help="take head pose from this video instead of generating it")
     p.add_argument("--preview", help="preview video (.mp4) with the speech")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20, help="diffusion sampling steps")
+    p.add_argument("--steps", type=_positive_int, default=20, help="diffusion sampling steps")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance on the audio (diffusion A2L)")
-    _add_detector_args(p)
-    p.set_defaults(func=cmd_a2l)
+    _add_detector_args(p, options=("face", "max_gap", "no_smooth"))  # --pose-from is read at the checkpoint's fps
+    _add_allow_partial(p)
+    p.set_defaults(func=cmd_a2l, parser=p)
 
     p = sub.add_parser("generate", help="speech + a portrait (one-shot) or a video (dubbing) -> talking-head video")
     p.add_argument("--audio", required=True, help="speech (wav, mp3, flac, m4a or a video with sound)")
@@ -521,7 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="video file (.mp4)")
     _add_generation_args(p, image_mode="one-shot")
     _add_detector_args(p)
-    p.set_defaults(func=cmd_generate)
+    _add_allow_partial(p)
+    p.set_defaults(func=cmd_generate, parser=p)
 
     p = sub.add_parser("eval", help="score a generated video against its ground truth, with baselines")
     p.add_argument("--pred", required=True, help="generated video, or a folder of them")
@@ -534,27 +678,47 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--lpips-linear", help="LPIPS linear heads (the lpips package's weights/v0.1/alex.pth)")
     weights.add_argument("--lpips-net", choices=("alex", "vgg"), default="alex", help="LPIPS backbone (default alex)")
     weights.add_argument("--syncnet", help="SyncNet weights (syncnet_python's syncnet_v2.model) for LSE-C / LSE-D")
-    _add_detector_args(p)
-    p.set_defaults(func=cmd_eval)
+    _add_detector_args(p, options=("face", "fps", "max_gap"))
+    _add_allow_partial(p)
+    p.set_defaults(func=cmd_eval, parser=p)
 
     p = sub.add_parser("download-model", help="download the MediaPipe face landmarker model (needs internet)")
     p.add_argument("name", choices=("mediapipe",))
     p.add_argument("--dir", default="~/.cache/lmdiff", help="folder to save it in (default ~/.cache/lmdiff)")
-    p.set_defaults(func=cmd_download_model)
+    p.set_defaults(func=cmd_download_model, parser=p)
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (how services and schedulers stop a job), raised like Ctrl-C so that partial files are removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
 def main(argv=None) -> int:
+    from .media import allow_partial_media
+
     os.environ.setdefault("GLOG_minloglevel", "2")  # keep MediaPipe's C++ log lines out of the terminal
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # reported by the command's own parser: "lmdiff a2l: error: unrecognized arguments: --fps 30"
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
-        args.func(args)
+        with allow_partial_media(getattr(args, "allow_partial", False)):
+            args.func(args)
     except LmdiffInputError as exc:
         print(f"lmdiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"lmdiff {args.command}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        how = "terminated" if isinstance(exc, _Terminated) else "interrupted"
+        print(f"lmdiff {args.command}: {how}; nothing was written", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(exc, _Terminated) else 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

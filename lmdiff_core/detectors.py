@@ -386,10 +386,12 @@ def extract_landmarks(
     previous = None
     frame_size = None
     n_points = None
+    most_faces = 0
     for i, frame in enumerate(frames):
         if frame_size is None:
             frame_size = (frame.shape[1], frame.shape[0])
         faces = landmarker.detect(frame, timestamp_ms=int(round(i * 1000.0 / fps)))
+        most_faces = max(most_faces, len(faces))
         chosen = select_face(faces, face, previous.box if previous is not None else None)
         if chosen is not None:
             previous = chosen
@@ -402,7 +404,7 @@ def extract_landmarks(
     if frame_size is None:
         raise LmdiffInputError(f"{source} has no frames")
     if n_points is None:
-        raise LmdiffInputError(f"no face found in any of the {len(found)} frames of {source}")
+        raise LmdiffInputError(_not_found(face, most_faces, f"any of the {len(found)} frames of {source}"))
     empty = np.zeros((n_points, 3), dtype=np.float32)
     blend_dim = next((b.shape[0] for b in blends if b is not None), None)
     seq = LandmarkSequence(
@@ -418,11 +420,19 @@ def extract_landmarks(
     return fill_gaps(seq, max_gap, source)
 
 
+def _not_found(face: FaceSelector, most_faces: int, where: str) -> str:
+    """The message for a face that was not found: a face index beyond the faces there are, or no face at all."""
+    if isinstance(face, (int, np.integer)) and most_faces:
+        return f"no face with index {face} (found {most_faces}, numbered from 0 left to right) in {where}"
+    return f"no face found in {where}"
+
+
 def detect_image(image: np.ndarray, landmarker: Landmarker, face: FaceSelector = "largest", source: str = "image"):
     """Landmarks of one face in a single image, as a one-frame LandmarkSequence."""
-    chosen = select_face(landmarker.detect(image), face)
+    faces = landmarker.detect(image)
+    chosen = select_face(faces, face)
     if chosen is None:
-        raise LmdiffInputError(f"no face found in {source}")
+        raise LmdiffInputError(_not_found(face, len(faces), source))
     return LandmarkSequence(
         points=chosen.points[None],
         topology=landmarker.topology,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import metrics
 from .crop import masks_from_points
-from .detectors import Landmarker, extract_landmarks
+from .detectors import FaceSelector, Landmarker, extract_landmarks
 from .errors import LmdiffInputError
 from .landmarks import LandmarkSequence
 from .media import iter_frames, read_audio
@@ -218,10 +218,18 @@ def _speech(pred_path: Path, gt_path: Path) -> tuple[np.ndarray | None, str | No
 
 
 def evaluate(
-    pred_path, gt_path, landmarker: Landmarker, out_dir, fps: float = 25.0, networks: EvalNetworks | None = None
+    pred_path,
+    gt_path,
+    landmarker: Landmarker,
+    out_dir,
+    fps: float = 25.0,
+    networks: EvalNetworks | None = None,
+    face: FaceSelector = "largest",
+    max_gap: int = 12,
 ) -> dict:
     """Score `pred_path` against `gt_path` and write the report into `out_dir` (see the module docstring);
-    `networks` (default: dlib CSIM only) says which learned metrics run."""
+    `networks` (default: dlib CSIM only) says which learned metrics run; `face` and `max_gap` as in
+    `detectors.extract_landmarks`."""
     pred_path, gt_path, out_dir = Path(pred_path), Path(gt_path), Path(out_dir)
     networks = EvalNetworks() if networks is None else networks
     pred, truth = _read(pred_path, fps), _read(gt_path, fps)
@@ -237,7 +245,7 @@ def evaluate(
         raise LmdiffInputError(f"the videos give only {n} frames to compare: at least 3 are needed")
     seqs = {}
     for name, frames, path in (("pred", pred, pred_path), ("gt", truth, gt_path)):
-        seqs[name] = extract_landmarks(frames, landmarker, fps, source=str(path))
+        seqs[name] = extract_landmarks(frames, landmarker, fps, face, max_gap, source=str(path))
         handling[f"{name}_face_rate"] = float(np.mean(seqs[name].valid & ~seqs[name].interpolated))
     not_computed = dict(networks.not_computed)
     audio, audio_source = None, None
@@ -265,7 +273,7 @@ def evaluate(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     _plots(report, pred, seqs["pred"], truth, seqs["gt"], out_dir)
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=1, default=_json_number) + "\n")
+    (out_dir / "metrics.json").write_text(to_json(report))
     (out_dir / "report.md").write_text(markdown(report))
     return report
 
@@ -274,10 +282,19 @@ VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 
 
 def evaluate_folder(
-    pred_dir, gt_dir, landmarker: Landmarker, out_dir, fps: float = 25.0, networks: EvalNetworks | None = None
+    pred_dir,
+    gt_dir,
+    landmarker: Landmarker,
+    out_dir,
+    fps: float = 25.0,
+    networks: EvalNetworks | None = None,
+    face: FaceSelector = "largest",
+    max_gap: int = 12,
 ) -> dict:
     """Batch mode: every video in `pred_dir` against the ground-truth video of the same name (any video suffix) in
-    `gt_dir`; one report per pair in `out_dir/<name>/`, and `summary.json` / `summary.md` with the means."""
+    `gt_dir`; one report per pair in `out_dir/<name>/`, and `summary.json` / `summary.md` with the means over the
+    pairs scored. A pair that cannot be scored (LmdiffInputError) is listed under "failed" with its reason, and the
+    others go on."""
     pred_dir, gt_dir, out_dir = Path(pred_dir), Path(gt_dir), Path(out_dir)
     truths = {p.stem: p for p in sorted(gt_dir.iterdir()) if p.suffix.lower() in VIDEO_SUFFIXES}
     preds = [p for p in sorted(pred_dir.iterdir()) if p.suffix.lower() in VIDEO_SUFFIXES]
@@ -285,28 +302,56 @@ def evaluate_folder(
     if not pairs:
         raise LmdiffInputError(f"no video in {pred_dir} has a ground truth of the same name in {gt_dir}")
     networks = EvalNetworks() if networks is None else networks
-    reports = {p.stem: evaluate(p, g, landmarker, out_dir / p.stem, fps, networks) for p, g in pairs}
-    keys = table_keys(next(iter(reports.values())))
-    rows = {"**prediction**": "prediction", **{name: name for name in next(iter(reports.values()))["baselines"]}}
+    reports, failed = {}, {}
+    for p, g in pairs:
+        try:
+            reports[p.stem] = evaluate(p, g, landmarker, out_dir / p.stem, fps, networks, face, max_gap)
+        except LmdiffInputError as exc:
+            failed[p.stem] = str(exc)
     means = {}
-    for label, key in rows.items():
-        values = [r["prediction"] if key == "prediction" else r["baselines"][key] for r in reports.values()]
-        means[label] = {k: float(np.mean([v[k] for v in values])) for k in keys}
+    if reports:
+        keys = table_keys(next(iter(reports.values())))
+        rows = {"**prediction**": "prediction", **{name: name for name in next(iter(reports.values()))["baselines"]}}
+        for label, key in rows.items():
+            values = [r["prediction"] if key == "prediction" else r["baselines"][key] for r in reports.values()]
+            means[label] = {k: float(np.mean([v[k] for v in values])) for k in keys}
     summary = {
-        "pairs": {name: [str(p), str(g)] for (p, g), name in zip(pairs, reports)},
+        "pairs": {p.stem: [str(p), str(g)] for p, g in pairs if p.stem in reports},
+        "failed": failed,
         "unmatched": [str(p) for p in preds if p.stem not in truths],
         "means": means,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_number) + "\n")
-    lines = [f"# lmdiff eval: {len(pairs)} pairs, means", "", "| video | " + " | ".join(keys) + " |"]
-    lines.append("|---" * (len(keys) + 1) + "|")
-    lines += [f"| {label} | " + " | ".join(f"{v[k]:.4g}" for k in keys) + " |" for label, v in means.items()]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(to_json(summary))
+    lines = [f"# lmdiff eval: {len(reports)} pairs, means", ""]
+    if reports:
+        lines += ["| video | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += [f"| {label} | " + " | ".join(f"{v[k]:.4g}" for k in keys) + " |" for label, v in means.items()]
+    if failed:
+        lines += ["", f"Failed ({len(failed)}):", *(f"- {name}: {why}" for name, why in failed.items())]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
     return summary
 
 
-def _json_number(value):
-    return float(value)
+def _finite(value):
+    """`value` (nested dicts, lists, numbers) with NaN and +-Infinity as None: JSON has no such numbers."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _finite(value.tolist())
+    if isinstance(value, (np.generic, torch.Tensor)):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value
+
+
+def to_json(report: dict) -> str:
+    """A report as strict JSON text (readable by any JSON parser): a number that is not finite (e.g. PSNR of
+    identical frames, a correlation of a constant signal) is written as null."""
+    return json.dumps(_finite(report), indent=1, allow_nan=False) + "\n"
 
 
 TABLE_KEYS = (

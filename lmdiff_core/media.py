@@ -14,12 +14,14 @@ is needed, ...) raises :class:`~lmdiff_core.errors.LmdiffInputError` naming the 
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import os
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -46,6 +48,11 @@ _MAX_ENCODER_PADDING_SECONDS = 0.2
 _VIDEO_EXPECTED = "a video file such as .mp4, .mov, .mkv or .webm"
 _AUDIO_EXPECTED = "an audio file (.wav, .mp3, .flac, .m4a) or a video with sound"
 _IMAGE_EXPECTED = "a PNG, JPEG or WebP picture"
+_PARTIAL_HINT = "to keep what decodes, allow partial media (CLI: --allow-partial)"
+
+# Set by `allow_partial_media`: media that decodes only partly is then cut short with a warning, not an error.
+_ALLOW_PARTIAL: ContextVar[bool] = ContextVar("lmdiff_allow_partial_media", default=False)
+_log = logging.getLogger("lmdiff")
 
 PathLike = str | os.PathLike
 
@@ -106,6 +113,24 @@ def fit_audio_to_frames(
     return np.pad(audio, (0, n_samples - len(audio)))
 
 
+@contextmanager
+def allow_partial_media(allow: bool = True) -> Iterator[None]:
+    """Within this block, a video or audio track that stops decoding before its declared duration gives what
+    decodes (with a warning naming the file) instead of raising :class:`LmdiffInputError`."""
+    token = _ALLOW_PARTIAL.set(allow)
+    try:
+        yield
+    finally:
+        _ALLOW_PARTIAL.reset(token)
+
+
+def _stopped_early(message: str) -> None:
+    """Raise for media that decodes only partly, or warn when partial media is allowed."""
+    if not _ALLOW_PARTIAL.get():
+        raise LmdiffInputError(f"{message}; {_PARTIAL_HINT}")
+    _log.warning("lmdiff: warning: %s; keeping what decodes", message)
+
+
 def probe_video(path: PathLike) -> VideoInfo:
     """Read the size, frame rate, duration and streams of the video at ``path``."""
     path = _existing_file(path, "video", _VIDEO_EXPECTED)
@@ -135,7 +160,9 @@ def iter_frames(path: PathLike, fps: float | None = DEFAULT_FPS, max_frames: int
     Output frame ``k`` shows the latest source frame whose timestamp is at or before ``k / fps`` (a
     sample-and-hold resampler: frames are dropped or repeated, never blended); ``fps=None`` keeps the
     source's average rate. Exactly ``frame_count(duration, fps)`` frames are yielded (at most
-    ``max_frames``); if the stream ends early its last frame is repeated. Rotation metadata is applied.
+    ``max_frames``). A stream that stops decoding before its declared duration (a truncated or damaged file)
+    raises LmdiffInputError naming the last frame that decoded; within `allow_partial_media` it ends there
+    instead (fewer frames; a frame is never repeated past its own display time). Rotation metadata is applied.
     Only one decoded frame is held at a time. The file is checked when this is called, not on first use.
     """
     path = _existing_file(path, "video", _VIDEO_EXPECTED)
@@ -160,8 +187,10 @@ def read_video(path: PathLike, fps: float | None = DEFAULT_FPS, with_audio: bool
     target_fps = info.fps if fps is None else _checked_fps(fps)
     n_frames = frame_count(info.duration, target_fps)
     frames = np.empty((n_frames, info.height, info.width, 3), dtype=np.uint8)
-    for index, frame in enumerate(_resampled_frames(path, info.fps, target_fps, n_frames)):
-        frames[index] = frame
+    decoded = 0
+    for decoded, frame in enumerate(_resampled_frames(path, info.fps, target_fps, n_frames), start=1):
+        frames[decoded - 1] = frame
+    frames = frames[:decoded]  # fewer only for partial media (`allow_partial_media`)
     audio = read_audio(path, DEFAULT_SAMPLE_RATE) if with_audio and info.has_audio else None
     return Video(frames=frames, fps=target_fps, duration=info.duration, audio=audio)
 
@@ -170,7 +199,9 @@ def read_audio(path: PathLike, sample_rate: int = DEFAULT_SAMPLE_RATE) -> np.nda
     """Decode the first audio track of ``path`` (wav, mp3, flac, m4a, mp4, ...) to float32 mono in [-1, 1].
 
     Channels are averaged and the result resampled to ``sample_rate``. Encoder padding (silence a codec such
-    as AAC adds after the end) is dropped when the container declares the track's duration.
+    as AAC adds after the end) is dropped when the container declares the track's duration. A track that stops
+    decoding more than 0.2 s before its declared duration raises LmdiffInputError (see `allow_partial_media`);
+    mp3 files are exempt, as their declared duration is often an estimate from the bitrate.
     """
     path = _existing_file(path, "audio", _AUDIO_EXPECTED)
     if sample_rate <= 0:
@@ -185,7 +216,15 @@ def read_audio(path: PathLike, sample_rate: int = DEFAULT_SAMPLE_RATE) -> np.nda
             chunks.extend(resampled.to_ndarray().mean(axis=0) for resampled in resampler.resample(frame))
         chunks.extend(resampled.to_ndarray().mean(axis=0) for resampled in resampler.resample(None))
         declared_duration = float(stream.duration * stream.time_base) if stream.duration else None
+        estimated = container.format.name == "mp3"
     audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    if declared_duration is not None and not estimated and len(audio):
+        decoded = len(audio) / sample_rate
+        if declared_duration - decoded > _MAX_ENCODER_PADDING_SECONDS:
+            _stopped_early(
+                f"audio {path} stops decoding at {decoded:.2f} s of its declared {declared_duration:.2f} s "
+                "(truncated or damaged)"
+            )
     if declared_duration is not None:
         padding = len(audio) - round(declared_duration * sample_rate)
         # A larger excess means the declared duration is a guess (e.g. from an mp3 bitrate): keep everything.
@@ -289,10 +328,16 @@ def _open_input(path: Path, kind: str, expected: str) -> Iterator[av.container.I
 def _decode(
     container: av.container.InputContainer, stream: av.stream.Stream, path: Path, kind: str
 ) -> Iterator[av.frame.Frame]:
+    """The decoded frames of `stream`. Data that fails to decode after the first frame ends the stream there: the
+    callers compare what decoded with the declared duration (a truncated file usually ends in a broken packet)."""
+    decoded = 0
     try:
-        yield from container.decode(stream)
+        for frame in container.decode(stream):
+            decoded += 1
+            yield frame
     except av.FFmpegError as error:
-        raise LmdiffInputError(f"{kind} {path} is damaged and cannot be decoded ({error})") from error
+        if not decoded:
+            raise LmdiffInputError(f"{kind} {path} is damaged and cannot be decoded ({error})") from error
 
 
 def _video_stream(container: av.container.InputContainer, path: Path) -> av.video.stream.VideoStream:
@@ -338,7 +383,9 @@ def _resampled_frames(path: Path, source_fps: float, fps: float, n_frames: int) 
         start = stream.start_time or 0
         emitted = 0
         held = None  # the latest source frame at or before the next output time
+        held_time, decoded = 0.0, 0
         for index, frame in enumerate(_decode(container, stream, path, "video")):
+            decoded = index + 1
             if frame.pts is None:
                 time = index / source_fps
             else:
@@ -349,11 +396,19 @@ def _resampled_frames(path: Path, source_fps: float, fps: float, n_frames: int) 
                 emitted += 1
             if emitted == n_frames:
                 return
-            held = frame
+            held, held_time = frame, time
         if held is None:
             raise LmdiffInputError(f"video {path} has no decodable frames; expected {_VIDEO_EXPECTED}")
-        for _ in range(n_frames - emitted):
+        # The last frame is shown until one source frame interval after its timestamp, and no longer.
+        shown_until = held_time + 1 / source_fps - tolerance
+        while emitted < n_frames and emitted / fps < shown_until:
             yield _frame_to_rgb(held)
+            emitted += 1
+        if emitted < n_frames:
+            _stopped_early(
+                f"video {path} stops decoding after frame {decoded - 1} (at {held_time:.2f} s): output frame "
+                f"{emitted} at {fps:g} fps and later are missing (truncated or damaged)"
+            )
 
 
 def _encode(

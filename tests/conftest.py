@@ -52,6 +52,31 @@ def random_arcface_onnx(path, seed=0):
     return path
 
 
+def truncated_mp4(folder: Path, seconds: int = 3) -> tuple[Path, int]:
+    """(path, frames that decode): the first `seconds` of a real clip (25 fps, with its audio) written as a faststart
+    mp4 (index first, as phones and web encoders write them), then cut after a quarter of its bytes, as an
+    interrupted download or copy leaves it. The index still declares `seconds`; the frames are counted with PyAV."""
+    import av
+
+    from lmdiff_core.media import read_video, write_video
+
+    video = read_video(shared_path("data/clips/edtalk_woman_en.mp4"))
+    whole = write_video(folder / "whole.mp4", video.frames[: 25 * seconds], 25, audio=video.audio[: seconds * 16000])
+    data = whole.read_bytes()
+    path = folder / "truncated.mp4"
+    path.write_bytes(data[: len(data) // 4])
+    whole.unlink()
+    decodable = 0
+    with av.open(str(path)) as container:
+        try:
+            for _ in container.decode(video=0):
+                decodable += 1
+        except av.InvalidDataError:  # the packet cut in the middle
+            pass
+    assert 0 < decodable < 25 * seconds
+    return path, decodable
+
+
 @pytest.fixture(scope="session")
 def mediapipe_model() -> Path:
     return shared_path(MEDIAPIPE_TASK)

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +26,14 @@ import soundfile
 from PIL import Image
 
 from lmdiff_core.canonical import mean_face
+from lmdiff_core.checkpoints import BUNDLED_A2L, BUNDLED_L2V
 from lmdiff_core.cli import main
 from lmdiff_core.demo import demo_motion
 from lmdiff_core.landmarks import LandmarkSequence
 from lmdiff_core.media import frame_count
 from lmdiff_core.topology import MEDIAPIPE478
 
-from .conftest import shared_path
+from .conftest import shared_path, truncated_mp4
 
 CLIP = "data/clips/edtalk_woman_en.mp4"  # 10.00 s, 256x256, 25 fps, AAC
 CLIP_WAV = "data/clips/edtalk_woman_en.wav"  # the same 10 s, 16 kHz mono
@@ -269,9 +273,45 @@ def _write_inputs(folder: Path) -> None:
     LandmarkSequence(np.repeat(face[None], 10, axis=0), "ibug68", fps=25, frame_size=(512, 512)).save(
         folder / "face.npz"
     )
+    # Checkpoint folders whose settings file is corrupt or lacks a key.
+    for name, text in (
+        ("corrupt_a2l/lmdiff_a2l.json", '{"model_class": "A2LLSTM", "topol'),
+        ("incomplete_a2l/lmdiff_a2l.json", _without("topology", BUNDLED_A2L / "lmdiff_a2l.json")),
+        ("incomplete_l2v/lmdiff_l2v.json", _without("topology", BUNDLED_L2V / "lmdiff_l2v.json")),
+    ):
+        (folder / name).parent.mkdir()
+        (folder / name).write_text(text)
+    # A folder no file can be written in (for root, who may write anywhere, the read-only /sys).
+    readonly = folder / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
 
 
-# name: (argv with {d} = the case's folder, {clip}, {model}; substring the error line must contain;
+def _without(key: str, path: Path) -> str:
+    info = json.loads(path.read_text())
+    del info[key]
+    return json.dumps(info)
+
+
+def _readonly(folder: Path) -> Path:
+    readonly = folder / "readonly"
+    return readonly if not os.access(readonly, os.W_OK) else Path("/sys")
+
+
+def _run(argv: list, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`lmdiff argv` as a subprocess, without $LMDIFF_MEDIAPIPE_MODEL (--detector auto means dlib here)."""
+    env = {k: v for k, v in os.environ.items() if k != "LMDIFF_MEDIAPIPE_MODEL"}
+    return subprocess.run(
+        [sys.executable, "-m", "lmdiff_core.cli", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+# name: (argv with {d} = the case's folder, {clip}, {model}, {wav}, {portrait}, {a2l} (bundled), {ro} (a folder
+#        no file can be written in); substring the error line must contain;
 #        files put at output paths beforehand, which a failed run must leave byte-identical)
 BAD_INPUTS = {
     "text-file-as-mp4": (
@@ -322,6 +362,179 @@ BAD_INPUTS = {
         "empty.wav",
         ("r.mp4",),
     ),
+    # D2: output-side mistakes are found before any work, naming the path.
+    "landmarks-unwritable-folder": (
+        ["landmarks", "{clip}", "-o", "{ro}/out.npz", "--model", "{model}"],
+        "is not writable",
+        (),
+    ),
+    "a2l-unwritable-folder": (
+        ["a2l", "--audio", "{wav}", "--reference", "{portrait}", "--checkpoint", "{a2l}", "-o", "{ro}/out.npz"],
+        "is not writable",
+        (),
+    ),
+    "prepare-unwritable-folder": (["prepare", "{clip}", "-o", "{ro}/ds", "--model", "{model}"], "is not writable", ()),
+    "eval-unwritable-folder": (
+        ["eval", "--pred", "{clip}", "--gt", "{clip}", "-o", "{ro}/report", "--model", "{model}"],
+        "is not writable",
+        (),
+    ),
+    "generate-unwritable-folder": (
+        ["generate", "--audio", "{wav}", "--image", "{portrait}", "-o", "{ro}/out.mp4"],
+        "is not writable",
+        (),
+    ),
+    "eval-output-is-a-file": (
+        ["eval", "--pred", "{clip}", "--gt", "{clip}", "-o", "{d}/report.txt", "--model", "{model}"],
+        "report.txt is a file",
+        ("report.txt",),
+    ),
+    "generate-zero-steps": (
+        ["generate", "--audio", "{wav}", "--image", "{portrait}", "-o", "{d}/g.mp4", "--steps", "0"],
+        "argument --steps: expected a whole number of at least 1, got '0'",
+        (),
+    ),
+    # D4: a checkpoint's settings file that is not JSON or lacks a key.
+    "a2l-corrupt-settings": (
+        [
+            "a2l",
+            "--audio",
+            "{wav}",
+            "--reference",
+            "{d}/face.npz",
+            "--checkpoint",
+            "{d}/corrupt_a2l",
+            "-o",
+            "{d}/o.npz",
+        ],
+        "corrupt_a2l/lmdiff_a2l.json is not valid JSON",
+        (),
+    ),
+    "a2l-settings-without-topology": (
+        [
+            "a2l",
+            "--audio",
+            "{wav}",
+            "--reference",
+            "{d}/face.npz",
+            "--checkpoint",
+            "{d}/incomplete_a2l",
+            "-o",
+            "{d}/o.npz",
+        ],
+        "incomplete_a2l/lmdiff_a2l.json lacks the key 'topology'",
+        (),
+    ),
+    "generate-l2v-settings-without-topology": (
+        ["generate", "--audio", "{wav}", "--image", "{portrait}", "--l2v", "{d}/incomplete_l2v", "-o", "{d}/g.mp4"],
+        "incomplete_l2v/lmdiff_l2v.json lacks the key 'topology'",
+        (),
+    ),
+    # D8 / D1: a face index beyond the faces there are; options that would do nothing are refused.
+    "face-index-beyond-the-faces": (
+        ["landmarks", "{portrait}", "-o", "{d}/out.npz", "--face", "2", "--detector", "dlib"],
+        "no face with index 2 (found 1",
+        (),
+    ),
+    "negative-face-index": (["landmarks", "{clip}", "-o", "{d}/out.npz", "--face", "-1"], "got '-1'", ()),
+    "fps-for-an-image": (
+        ["landmarks", "{portrait}", "-o", "{d}/out.npz", "--fps", "10", "--detector", "dlib"],
+        "--fps does nothing for an image",
+        (),
+    ),
+    "a2l-max-gap-without-pose-from": (
+        [
+            "a2l",
+            "--audio",
+            "{wav}",
+            "--reference",
+            "{portrait}",
+            "--checkpoint",
+            "{a2l}",
+            "-o",
+            "{d}/o.npz",
+            "--max-gap",
+            "3",
+        ],
+        "--max-gap does nothing without --pose-from",
+        (),
+    ),
+    "a2l-has-no-fps": (
+        [
+            "a2l",
+            "--audio",
+            "{wav}",
+            "--reference",
+            "{portrait}",
+            "--checkpoint",
+            "{a2l}",
+            "-o",
+            "{d}/o.npz",
+            "--fps",
+            "30",
+        ],
+        "unrecognized arguments: --fps 30",
+        (),
+    ),
+    "generate-image-with-no-smooth": (
+        ["generate", "--audio", "{wav}", "--image", "{portrait}", "-o", "{d}/g.mp4", "--no-smooth"],
+        "--no-smooth does nothing with --image",
+        (),
+    ),
+    "a2l-lstm-with-guidance": (
+        [
+            "a2l",
+            "--audio",
+            "{wav}",
+            "--reference",
+            "{portrait}",
+            "--checkpoint",
+            "{a2l}",
+            "-o",
+            "{d}/o.npz",
+            "--guidance",
+            "5",
+        ],
+        "--guidance does nothing with",
+        (),
+    ),
+    "a2l-landmark-reference-with-model": (
+        [
+            "a2l",
+            "--audio",
+            "{wav}",
+            "--reference",
+            "{d}/face.npz",
+            "--checkpoint",
+            "{a2l}",
+            "-o",
+            "{d}/o.npz",
+            "--model",
+            "{model}",
+        ],
+        "--model does nothing with a landmark-file --reference",
+        (),
+    ),
+    "generate-video-with-image-mode": (
+        ["generate", "--audio", "{wav}", "--video", "{clip}", "-o", "{d}/g.mp4", "--image-mode", "still"],
+        "--image-mode does nothing with --video",
+        (),
+    ),
+    "crop-landmarks-with-face": (
+        ["crop", "{clip}", "--landmarks", "{d}/face.npz", "--face", "1", "-o", "{d}/c.mp4"],
+        "--face does nothing with --landmarks",
+        (),
+    ),
+    "demo-landmarks-only-with-steps": (
+        ["demo", "--landmarks-only", "--steps", "5", "-o", "{d}/demo.mp4"],
+        "--steps does nothing with --landmarks-only",
+        (),
+    ),
+    "eval-has-no-no-smooth": (
+        ["eval", "--pred", "{clip}", "--gt", "{clip}", "-o", "{d}/r", "--no-smooth"],
+        "unrecognized arguments: --no-smooth",
+        (),
+    ),
 }
 
 
@@ -341,11 +554,9 @@ def _run_bad(name: str, folder: Path, clip: Path, model: Path) -> Result:
     for i, sentinel in enumerate(sentinels):
         (folder / sentinel).write_bytes(f"sentinel {i}: an earlier good output\n".encode() * 10)
     before = files_under(folder)
-    args = [a.format(d=folder, clip=clip, model=model) for a in argv]
-    env = {k: v for k, v in os.environ.items() if k != "LMDIFF_MEDIAPIPE_MODEL"}  # --detector auto means dlib here
-    proc = subprocess.run(
-        [sys.executable, "-m", "lmdiff_core.cli", *args], capture_output=True, text=True, env=env, timeout=120
-    )
+    inputs = dict(wav=shared_path(CLIP_WAV), portrait=shared_path(PORTRAIT), a2l=BUNDLED_A2L, ro=_readonly(folder))
+    args = [a.format(d=folder, clip=clip, model=model, **inputs) for a in argv]
+    proc = _run(args, timeout=120)
     return Result(proc.returncode, proc.stdout, proc.stderr, before, files_under(folder))
 
 
@@ -404,3 +615,100 @@ def test_failed_preview_leaves_neither_output(tmp_path, images_dir, monkeypatch)
         main(["landmarks", portrait, "-o", str(out), "--preview", str(tmp_path / "p.png"), "--detector", "dlib"])
     assert out.read_bytes() == b"an earlier good result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npz"]
+
+
+def test_truncated_media_is_refused_unless_allowed(tmp_path, mediapipe_model):
+    """D3: a faststart mp4 cut short (its index still says 3 s) is an error naming the file and the frame where
+    decoding stopped, for its frames and for its sound; --allow-partial keeps exactly the frames that decode."""
+    video, decodable = truncated_mp4(tmp_path)
+    out = tmp_path / "out.npz"
+    proc = _run(["landmarks", video, "-o", out, "--model", mediapipe_model])
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{video} stops decoding after frame {decodable - 1} " in proc.stderr and "--allow-partial" in proc.stderr
+    assert not out.exists()
+    args = ["a2l", "--audio", video, "--reference", shared_path(PORTRAIT), "--checkpoint", BUNDLED_A2L, "-o", out]
+    proc = _run(args)
+    assert proc.returncode == 2 and f"audio {video} stops decoding at" in proc.stderr, proc.stderr
+    assert not out.exists()
+    code, _ = run_in_process(["landmarks", video, "-o", out, "--model", mediapipe_model, "--allow-partial"])
+    assert code == 0
+    assert len(LandmarkSequence.load(out)) == decodable  # not 75: no frame repeated past its own display time
+
+
+def test_prepare_with_every_source_failing_exits_2(tmp_path):
+    """D5: `lmdiff prepare` where no source gives a clip is an error, with the reasons in report.json."""
+    (tmp_path / "notes.mp4").write_text("not a video\n")
+    proc = _run(["prepare", tmp_path / "notes.mp4", "-o", tmp_path / "ds", "--detector", "dlib"])
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("lmdiff prepare: error: every source failed (1;") and "notes.mp4" in last, last
+    assert "Traceback" not in proc.stderr
+    report = json.loads((tmp_path / "ds" / "report.json").read_text())
+    assert report["done"] == [] and len(report["failed"]) == 1
+
+
+def test_prepare_obeys_no_smooth(tmp_path, mediapipe_model):
+    """D1: `prepare --no-smooth` stores the detector's raw landmarks (the default smooths them)."""
+    from lmdiff_core.dataset import clip_sequence
+    from lmdiff_core.media import read_video, write_video
+
+    video = read_video(shared_path(CLIP))
+    source = write_video(tmp_path / "clip.mp4", video.frames[:50], 25, audio=video.audio[: 2 * 16000])
+    sequences = {}
+    for name, extra in (("smooth", []), ("raw", ["--no-smooth"])):
+        argv = ["prepare", source, "-o", tmp_path / name, "--model", mediapipe_model, "--crop-size", 0, "--fps", 10]
+        code, _ = run_in_process([*argv, "--min-seconds", 1, *extra])
+        assert code == 0
+        sequences[name] = clip_sequence(tmp_path / name, "clip")
+        assert json.loads((tmp_path / name / "index.json").read_text())["smoothing"] == (
+            "none" if extra else "canonical"
+        )
+    smooth, raw = sequences["smooth"], sequences["raw"]
+    assert len(smooth) == len(raw) == 20
+    # Smoothing makes the landmarks steadier from frame to frame than the raw detections.
+    jitter = {k: np.abs(np.diff(s.points, n=2, axis=0)).mean() for k, s in sequences.items()}
+    assert jitter["smooth"] < 0.9 * jitter["raw"], jitter
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, mediapipe_model):
+    """D6: a run stopped with SIGTERM (as services and schedulers stop jobs) removes its hidden partial files and leaves
+    the earlier outputs byte for byte."""
+    out, preview = tmp_path / "out.npz", tmp_path / "prev.mp4"
+    out.write_bytes(b"an earlier good result")
+    preview.write_bytes(b"an earlier good preview")
+    env = {k: v for k, v in os.environ.items() if k != "LMDIFF_MEDIAPIPE_MODEL"}
+    argv = ["landmarks", shared_path(CLIP), "-o", out, "--preview", preview, "--model", mediapipe_model]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmdiff_core.cli", *map(str, argv)], stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not any(p.name.startswith(".") for p in tmp_path.iterdir()):  # a partial file is being written
+            assert proc.poll() is None and time.monotonic() < deadline, "no partial file appeared"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.strip().splitlines()[-1] == "lmdiff landmarks: terminated; nothing was written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npz", "prev.mp4"]
+    assert out.read_bytes() == b"an earlier good result" and preview.read_bytes() == b"an earlier good preview"
+
+
+def test_a2l_preview_only_after_the_landmarks(tmp_path, monkeypatch):
+    """D6: `a2l --preview` makes the preview only once the landmarks are saved: a run whose landmarks cannot be saved
+    leaves an earlier preview (and landmark file) as they were, and no partial file."""
+    out, preview = tmp_path / "out.npz", tmp_path / "prev.mp4"
+    out.write_bytes(b"an earlier good result")
+    preview.write_bytes(b"an earlier good preview")
+
+    def disk_full(self, path):
+        raise OSError(f"disk full writing {path}")
+
+    monkeypatch.setattr(LandmarkSequence, "save", disk_full)
+    args = ["a2l", "--audio", shared_path(SPEECH), "--reference", shared_path(PORTRAIT), "--checkpoint", BUNDLED_A2L]
+    with pytest.raises(OSError, match="disk full"):
+        main([*map(str, args), "-o", str(out), "--preview", str(preview), "--detector", "dlib"])
+    assert out.read_bytes() == b"an earlier good result" and preview.read_bytes() == b"an earlier good preview"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npz", "prev.mp4"]

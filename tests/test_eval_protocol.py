@@ -27,11 +27,24 @@ def _protocol():
     return module
 
 
+def _refuse_non_json(constant):
+    raise ValueError(f"bare {constant} in a results file: not JSON")
+
+
 def _same(a, b) -> bool:
     """Equal numbers, NaN equal to NaN (a metric undefined for a still mouth)."""
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
     return a == b
+
+
+def _cell(value) -> str:
+    """A number as the markdown tables write it; null in the JSON is a value that was not finite (inf or nan)."""
+    return "inf|-inf|nan" if value is None else format(value, ".4g")
+
+
+def _cells_match(cells: list[str], values: list) -> bool:
+    return len(cells) == len(values) and all(c in _cell(v).split("|") for c, v in zip(cells, values))
 
 
 def _table_rows(markdown: str) -> list[list[str]]:
@@ -57,7 +70,7 @@ def protocol_run(tmp_path_factory, mediapipe_model):
 
 def test_results_files_hold_evaluates_numbers(protocol_run):
     results = protocol_run / "results"
-    report = json.loads((results / "eval_protocol_test.json").read_text())
+    report = json.loads((results / "eval_protocol_test.json").read_text(), parse_constant=_refuse_non_json)
     markdown = (results / "eval_protocol_test.md").read_text()
     clip = report["clips"][CLIP]
     assert clip["status"] == "ok"
@@ -94,13 +107,13 @@ def test_results_files_hold_evaluates_numbers(protocol_run):
         if cells[0] == CLIP:  # per clip: clip | training set | frames | mode | KEYS... | seconds
             values = report["clips"][CLIP]["modes"][cells[3]]["metrics"]
             assert cells[1] == "seen" and cells[2] == "175 / 10"
-            assert cells[4 : 4 + len(KEYS)] == [format(values[k], ".4g") for k in KEYS], cells
+            assert _cells_match(cells[4 : 4 + len(KEYS)], [values[k] for k in KEYS]), cells
             clip_rows += 1
         else:  # summary: mode | video | clips | KEYS...
             mode, video = cells[0], cells[1].strip("*")
             values = report["summary"]["seen"][mode]["rows"][video]
             assert cells[2] == "1"
-            assert cells[3:] == [format(values[k], ".4g") for k in KEYS], cells
+            assert _cells_match(cells[3:], [values[k] for k in KEYS]), cells
             summary_rows += 1
     assert clip_rows == len(MODES)
     assert summary_rows == len(MODES) * (1 + len(clip["modes"]["dub"]["baselines"]))

@@ -12,6 +12,15 @@ from lmdiff_core.media import read_video, write_video
 from .conftest import shared_path
 
 
+def strict_json(path):
+    """The JSON file at `path`, refusing the NaN / Infinity that Python writes by default and JSON does not have."""
+
+    def refuse(constant):
+        raise ValueError(f"{path} holds the bare {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
@@ -31,7 +40,7 @@ def test_eval_report(videos, mediapipe_model, capsys):
     root, pred, gt = videos
     out = root / "report"
     assert main(["eval", "--pred", str(pred), "--gt", str(gt), "-o", str(out), "--model", str(mediapipe_model)]) == 0
-    report = json.loads((out / "metrics.json").read_text())
+    report = strict_json(out / "metrics.json")
     for name in ("metrics.json", "report.md", "psnr_per_frame.png", "mouth_opening.png", "contact_sheet.png"):
         assert (out / name).stat().st_size > 0
     handling = report["handling"]
@@ -39,7 +48,8 @@ def test_eval_report(videos, mediapipe_model, capsys):
     assert handling["gt_face_rate"] == 1.0
     base = report["baselines"]
     truth = base["ground_truth"]
-    assert math.isinf(truth["psnr"]) and truth["lmd"] == 0 and truth["mouth_opening_correlation"] == pytest.approx(1)
+    assert truth["psnr"] is None  # infinite (identical frames): null, as JSON has no Infinity
+    assert truth["lmd"] == 0 and truth["mouth_opening_correlation"] == pytest.approx(1)
     # a 5-frame delay keeps the frames sharp but breaks sync; holding the first frame is worse than freezing the mouth
     assert base["shifted_5_frames"]["mouth_opening_correlation"] < 0.9
     assert base["first_frame_held"]["psnr"] < base["frozen_lower_face"]["psnr"]
@@ -75,8 +85,12 @@ def test_eval_batch_mode(videos, tmp_path, mediapipe_model):
     out = tmp_path / "reports"
     args = ["eval", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "-o", str(out)]
     assert main([*args, "--model", str(mediapipe_model)]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert sorted(summary["pairs"]) == ["a", "b"] and summary["unmatched"][0].endswith("extra.mp4")
+    summary = strict_json(out / "summary.json")
+    assert (
+        sorted(summary["pairs"]) == ["a", "b"]
+        and summary["failed"] == {}
+        and summary["unmatched"][0].endswith("extra.mp4")
+    )
     single = json.loads((out / "a" / "metrics.json").read_text())
     assert summary["means"]["**prediction**"]["psnr_mouth"] == pytest.approx(single["prediction"]["psnr_mouth"])
     assert (out / "summary.md").read_text().count("\n| ") == 6  # header + the prediction + 4 baselines
@@ -132,3 +146,28 @@ def test_eval_with_every_learned_metric(tmp_path, mediapipe_model):
     assert report["prediction"]["lpips"] > 0 and report["prediction"]["fid"] > 1e-6
     table = (out / "report.md").read_text()
     assert "| lse_d |" in table and f"{report['prediction']['lse_d']:.4g}" in table and "Not computed" not in table
+
+
+def test_eval_batch_mode_goes_on_past_an_unusable_pair(videos, tmp_path, mediapipe_model, capsys):
+    """D7: a pair that cannot be scored (no face in the prediction) is listed with its reason in summary.json and
+    summary.md; the other pairs are scored and their means written; the exit status is 2."""
+    root, pred, gt = videos
+    for folder in ("pred", "gt"):
+        (tmp_path / folder).mkdir()
+    write_video(tmp_path / "pred" / "a_blank.mp4", np.full((20, 128, 128, 3), 90, np.uint8), 25)  # sorts first
+    (tmp_path / "pred" / "b.mp4").write_bytes(pred.read_bytes())
+    for name in ("a_blank", "b"):
+        (tmp_path / "gt" / f"{name}.mp4").write_bytes(gt.read_bytes())
+    out = tmp_path / "reports"
+    args = ["eval", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "-o", str(out)]
+    assert main([*args, "--model", str(mediapipe_model)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 of 2 pairs failed" in err and "a_blank: no face found" in err, err
+    summary = strict_json(out / "summary.json")
+    assert list(summary["pairs"]) == ["b"] and list(summary["failed"]) == ["a_blank"]
+    assert "no face found" in summary["failed"]["a_blank"]
+    single = strict_json(out / "b" / "metrics.json")
+    assert summary["means"]["**prediction**"]["psnr_mouth"] == pytest.approx(single["prediction"]["psnr_mouth"])
+    assert summary["means"]["ground_truth"]["psnr"] is None  # the mean of infinities: null
+    assert "a_blank: no face found" in (out / "summary.md").read_text()
+    assert not (out / "a_blank" / "metrics.json").exists()

@@ -25,7 +25,7 @@ from scipy import signal
 from lmdiff_core import comfy_io, media
 from lmdiff_core.errors import LmdiffInputError
 
-from .conftest import SHARED  # the one way tests reach ../shared
+from .conftest import SHARED, truncated_mp4  # the one way tests reach ../shared
 
 DATA = SHARED / "data"
 CLIP = DATA / "clips" / "edtalk_woman_en.mp4"  # 10.00 s, 256x256, 25 fps, AAC 44.1 kHz
@@ -158,12 +158,62 @@ def test_upsampling_holds_each_frame(tmp_path):
     assert identities == [k * 5 // 25 for k in range(15)]
 
 
-def test_stream_ending_early_repeats_its_last_frame(tmp_path, monkeypatch):
+def test_stream_ending_early_is_an_error_unless_partial_is_allowed(tmp_path, monkeypatch):
     path = media.write_video(tmp_path / "five.mp4", gray_level_frames(3), fps=5)
     declared = dataclasses.replace(media.probe_video(path), duration=1.0)  # frames cover only 0.6 s
     monkeypatch.setattr(media, "probe_video", lambda _: declared)
-    identities = [frame_identity(f) for f in media.iter_frames(path, fps=25)]
-    assert identities == [k * 5 // 25 for k in range(15)] + [2] * 10
+    with pytest.raises(LmdiffInputError, match=r"five\.mp4 stops decoding after frame 2 .*output frame 15 at 25 fps"):
+        list(media.iter_frames(path, fps=25))
+    with media.allow_partial_media():
+        identities = [frame_identity(f) for f in media.iter_frames(path, fps=25)]
+    # Each frame is held for its own 0.2 s and no longer: the frames that are not there are not made up.
+    assert identities == [k * 5 // 25 for k in range(15)]
+
+
+@pytest.fixture(scope="module")
+def truncated_clip(tmp_path_factory):
+    """(path, the frames that decode, as PyAV itself decodes them): 3 s of a real clip as a faststart mp4 cut after a
+    quarter of its bytes (conftest.truncated_mp4)."""
+    path, _ = truncated_mp4(tmp_path_factory.mktemp("truncated"))
+    decodable = []
+    with av.open(str(path)) as container:
+        try:
+            for frame in container.decode(video=0):
+                decodable.append(frame.to_ndarray(format="rgb24"))
+        except av.InvalidDataError:
+            pass
+    return path, decodable, 75
+
+
+def test_truncated_video_is_an_error_naming_the_file_and_frame(truncated_clip):
+    path, decodable, n = truncated_clip
+    assert media.probe_video(path).duration == pytest.approx(3.0, abs=0.05)  # the index still declares 3 s
+    expected = rf"truncated\.mp4 stops decoding after frame {len(decodable) - 1} "
+    with pytest.raises(LmdiffInputError, match=expected):
+        list(media.iter_frames(path))
+    with pytest.raises(LmdiffInputError, match=expected):
+        media.read_video(path)
+
+
+def test_truncated_video_with_partial_allowed_gives_only_what_decodes(truncated_clip):
+    path, decodable, _ = truncated_clip
+    with media.allow_partial_media():
+        frames = list(media.iter_frames(path))
+        video = media.read_video(path, with_audio=False)
+    assert len(frames) == len(video.frames) == len(decodable)
+    for ours, theirs in zip(frames, decodable):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_truncated_audio_is_an_error_unless_partial_is_allowed(truncated_clip):
+    path, _, _ = truncated_clip
+    with pytest.raises(
+        LmdiffInputError, match=r"audio .*truncated\.mp4 stops decoding at \d+\.\d+ s of its declared 3"
+    ):
+        media.read_audio(path)
+    with media.allow_partial_media():
+        audio = media.read_audio(path)
+    assert 0 < len(audio) < 2.5 * 16000
 
 
 def test_rotation_metadata_is_applied(tmp_path):

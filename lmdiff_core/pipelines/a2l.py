@@ -20,6 +20,7 @@ import torch
 
 from ..audio_features import AudioFeatureExtractor, audio_to_mono16k, load_feature_extractor
 from ..canonical import CANONICAL_SIZE, canonicalize, from_model_units, to_model_units
+from ..checkpoints import read_checkpoint_info
 from ..errors import LmdiffInputError
 from ..landmarks import LandmarkSequence
 from ..media import frame_count
@@ -107,12 +108,9 @@ class AudioToLandmarksPipeline:
     @classmethod
     def from_pretrained(cls, folder, device: str | torch.device = "cpu", dtype=torch.float32):
         folder = Path(folder)
-        info_path = folder / CHECKPOINT_INFO
-        if not folder.is_dir() or not info_path.is_file():
-            raise LmdiffInputError(
-                f"{folder} is not an lmdiff A2L checkpoint (expected a folder with {CHECKPOINT_INFO})"
-            )
-        info = json.loads(info_path.read_text())
+        info = read_checkpoint_info(
+            folder, CHECKPOINT_INFO, "A2L", ("model_class", "audio_features", "topology", "fps")
+        )
         classes = {"A2LLSTM": A2LLSTM, "A2LDiffusion": A2LDiffusion}
         if info.get("model_class") not in classes:
             raise LmdiffInputError(f"{folder}: unknown A2L model class {info.get('model_class')!r}")

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
+from ..checkpoints import read_checkpoint_info
 from ..crop import CropTrack, compute_crop_track, crop_frames, face_masks, paste_back, transform_landmarks
 from ..errors import LmdiffInputError
 from ..l2v_data import pose_reference, render_condition
@@ -168,12 +169,7 @@ class LandmarkToVideoPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, folder, autoencoder=None, device="cpu", dtype=torch.float32, sampler: str = "ddim"):
         folder = Path(folder).expanduser()
-        info_path = folder / CHECKPOINT_INFO
-        if not folder.is_dir() or not info_path.is_file():
-            raise LmdiffInputError(
-                f"{folder} is not an lmdiff L2V checkpoint (expected a folder with {CHECKPOINT_INFO})"
-            )
-        info = json.loads(info_path.read_text())
+        info = read_checkpoint_info(folder, CHECKPOINT_INFO, "L2V", ("crop_size", "topology", "window", "overlap"))
         try:
             unet = L2VUNet.from_pretrained(folder / "unet", torch_dtype=dtype).to(device)
         except (ValueError, OSError) as exc:

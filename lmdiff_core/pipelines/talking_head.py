@@ -19,7 +19,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..canonical import canonicalize, uncanonicalize
-from ..detectors import Landmarker, detect_image, extract_landmarks
+from ..detectors import FaceSelector, Landmarker, detect_image, extract_landmarks
 from ..editing import dub_landmarks
 from ..errors import LmdiffInputError
 from ..landmarks import LandmarkSequence
@@ -85,20 +85,28 @@ class TalkingHeadPipeline(DiffusionPipeline):
         image_mode: str = "one_shot",
         n_frames: int | None = None,
         progress: Callable[[str, int, int], None] | None = None,
+        face: FaceSelector = "largest",
+        max_gap: int = 12,
+        smooth: bool = True,
+        fps: float | None = None,
     ) -> tuple[Iterator[np.ndarray], int]:
         """(frames, n): an iterator over the n output frames (uint8 [H, W, 3]) for `audio` (16 kHz mono), from a
         portrait `image` (`image_mode` "one_shot" or "still") or a `video` to dub: a file, or frames uint8
-        [T, H, W, 3] at `video_fps` (default: the pipeline's fps). n = `n_frames`, by default
-        ceil(audio duration x fps). `progress(stage, done, total)`."""
+        [T, H, W, 3] at `video_fps` (default: the output fps). The output is at `fps` (default: the A2L checkpoint's;
+        another rate resamples the A2L landmarks in time); n = `n_frames`, by default ceil(audio duration x fps).
+        `face` picks the person ("largest" or an index from the left, see `detectors.select_face`); for a video,
+        gaps of up to `max_gap` frames without that face are filled and `smooth` smooths its landmarks in time.
+        `progress(stage, done, total)`."""
         if (image is None) == (video is None):
             raise LmdiffInputError("give either a portrait image or a video to dub, not both or neither")
         if image_mode not in IMAGE_MODES:
             raise LmdiffInputError(f"image_mode must be one of {IMAGE_MODES}, got {image_mode!r}")
         timer = self.l2v.timer
-        fps = self.a2l.fps
+        fps = self.a2l.fps if fps is None else float(fps)
         n = frame_count(len(audio) / 16000, fps) if n_frames is None else int(n_frames)
         if n <= 0:
             raise LmdiffInputError("the audio is too short: it gives no video frame")
+        n_a2l = n if fps == self.a2l.fps else frame_count(n / fps, self.a2l.fps)
         report = (lambda name: lambda d, t: progress(name, d, t)) if progress else (lambda name: None)
         if video is not None:
             if isinstance(video, (str, Path)):
@@ -112,14 +120,22 @@ class TalkingHeadPipeline(DiffusionPipeline):
                 raise LmdiffInputError(f"video {name} is shorter than one frame at {fps:g} fps")
             with stage(timer, "landmarks"):
                 frames_in = iter_frames(video, fps) if isinstance(video, Path) else video
-                source = smooth_landmarks(extract_landmarks(frames_in, landmarker, fps, source=name))
+                source = extract_landmarks(frames_in, landmarker, fps, face, max_gap, source=name)
+                source = smooth_landmarks(source) if smooth else source
+            length = len(source)  # fewer than probed only for partial media (`media.allow_partial_media`)
             opening = source.mouth_opening()
             valid = np.flatnonzero(source.valid)
             reference = source[int(valid[np.argmin(opening[valid])])]
             with stage(timer, "a2l"):
                 talking = self.a2l(
-                    audio, reference, n_frames=n, guidance_scale=a2l_guidance_scale, seed=seed, progress=report("a2l")
+                    audio,
+                    reference,
+                    n_frames=n_a2l,
+                    guidance_scale=a2l_guidance_scale,
+                    seed=seed,
+                    progress=report("a2l"),
                 )
+            talking = talking if n_a2l == n and fps == talking.fps else talking.resample(fps, n)
             index = np.arange(n) % length
             source_n = source[index]
             target = dub_landmarks(source_n, talking)
@@ -130,16 +146,17 @@ class TalkingHeadPipeline(DiffusionPipeline):
             mode = "dub"
         else:
             with stage(timer, "landmarks"):
-                reference = detect_image(image, landmarker, source="portrait")
+                reference = detect_image(image, landmarker, face, source="portrait")
             with stage(timer, "a2l"):
                 talking = self.a2l(
                     audio,
                     canonicalize(reference),
-                    n_frames=n,
+                    n_frames=n_a2l,
                     guidance_scale=a2l_guidance_scale,
                     seed=seed,
                     progress=report("a2l"),
                 )
+            talking = talking if n_a2l == n and fps == talking.fps else talking.resample(fps, n)
             source_n = reference[np.zeros(n, dtype=int)]
             if image_mode == "still":
                 target = dub_landmarks(source_n, talking)
