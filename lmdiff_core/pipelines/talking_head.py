@@ -85,11 +85,12 @@ class TalkingHeadPipeline(DiffusionPipeline):
         image_mode: str = "one_shot",
         n_frames: int | None = None,
         progress: Callable[[str, int, int], None] | None = None,
+        on_step: Callable[[], None] | None = None,
     ) -> tuple[Iterator[np.ndarray], int]:
         """(frames, n): an iterator over the n output frames (uint8 [H, W, 3]) for `audio` (16 kHz mono), from a
         portrait `image` (`image_mode` "one_shot" or "still") or a `video` to dub: a file, or frames uint8
         [T, H, W, 3] at `video_fps` (default: the pipeline's fps). n = `n_frames`, by default
-        ceil(audio duration x fps). `progress(stage, done, total)`."""
+        ceil(audio duration x fps). `progress(stage, done, total)`; `on_step()` after each L2V denoising step."""
         if (image is None) == (video is None):
             raise LmdiffInputError("give either a portrait image or a video to dub, not both or neither")
         if image_mode not in IMAGE_MODES:
@@ -104,12 +105,12 @@ class TalkingHeadPipeline(DiffusionPipeline):
             if isinstance(video, (str, Path)):
                 video = Path(video)
                 length = frame_count(probe_video(video).duration, fps)
-                name = str(video)
+                name = f"video {video}"
             else:
                 video = _frames_at(video, video_fps or fps, fps)
-                length, name = len(video), "the video frames"
+                length, name = len(video), "the video"
             if length <= 0:
-                raise LmdiffInputError(f"video {name} is shorter than one frame at {fps:g} fps")
+                raise LmdiffInputError(f"{name} is shorter than one frame at {fps:g} fps")
             with stage(timer, "landmarks"):
                 frames_in = iter_frames(video, fps) if isinstance(video, Path) else video
                 source = smooth_landmarks(extract_landmarks(frames_in, landmarker, fps, source=name))
@@ -159,6 +160,7 @@ class TalkingHeadPipeline(DiffusionPipeline):
             guidance_scale,
             seed,
             progress=report("l2v"),
+            on_step=on_step,
         )
         return out, n
 
