@@ -273,7 +273,8 @@ class VHS_LoadVideo:
                 "frame_load_cap": number,
                 "skip_first_frames": number,
                 "select_every_nth": ("INT", {"default": 1, "min": 1}),
-            }
+            },
+            "optional": {"format": (["AnimateDiff", "None"], {"default": "AnimateDiff"})},  # (a shorter list)
         }
 
     def load(self, video, force_rate, frame_load_cap, skip_first_frames, select_every_nth, **_):

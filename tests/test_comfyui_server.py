@@ -27,7 +27,7 @@ from .conftest import shared_path
 
 COMFYUI_DIR = os.environ.get("LMDIFF_COMFYUI_DIR")
 COMFYUI_PYTHON = os.environ.get("LMDIFF_COMFYUI_PYTHON")
-WORKFLOWS = PACK_ROOT / "workflows" / "api"
+WORKFLOWS = PACK_ROOT / "example_workflows" / "api"
 TINY = {"LmdiffLoadA2LModel": "tiny_a2l", "LmdiffLoadL2VModel": "tiny_l2v"}
 START_SECONDS, RUN_SECONDS = 240, 600
 

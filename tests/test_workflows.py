@@ -1,4 +1,4 @@
-"""The example workflows: UI format in workflows/, API format in workflows/api/, executed on real media.
+"""The example workflows: UI format in example_workflows/, API format in example_workflows/api/, executed on real media.
 
 The API graphs run in `comfy_harness.run_api_workflow` (validation, then topological execution) with the pack's
 nodes and stand-ins for the core and third-party nodes (LoadImage, LoadAudio, LoadVideo, GetVideoComponents,
@@ -15,7 +15,7 @@ import pytest
 
 from .comfy_harness import INPUTS, SPEECH_SECONDS, comfy_environment, is_link, run_api_workflow, ui_to_api
 
-WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+WORKFLOWS = Path(__file__).resolve().parents[1] / "example_workflows"
 NAMES = sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json"))
 TINY = {"LmdiffLoadA2LModel": "tiny_a2l", "LmdiffLoadL2VModel": "tiny_l2v"}
 SAVERS = {"SaveVideo", "VHS_VideoCombine", "SavePoseKpsAsJsonFile"}
