@@ -2,7 +2,7 @@
 
 The folders are registered with ComfyUI's folder_paths when the pack loads (extra_model_paths.yaml entries under the
 same names are kept) and listed filtered by file type. A checkpoint is a folder holding its marker file
-(`lmdiff_a2l.json` or `lmdiff_l2v.json`); an empty folder offers the bundled checkpoint instead. A model name from a
+(`lmdiff_a2l.json` or `lmdiff_l2v.json`); the bundled checkpoints are offered after the folder's. A model name from a
 widget resolves only inside these folders: an absolute path or a name with `..` is refused.
 """
 
@@ -69,14 +69,12 @@ def bundled_checkpoint(key: str, name: str = BUNDLED) -> Path | None:
 
 
 def checkpoint_names(key: str) -> list[str]:
-    """Checkpoint folders (relative names) in the `key` folders, or the bundled checkpoints when there is none."""
+    """Checkpoint folders (relative names) in the `key` folders, then the installed bundled checkpoints (always
+    offered, so the example workflows keep working once the user adds models)."""
     marker = MARKERS[key]
-    names = sorted(
-        {str(PurePosixPath(f).parent) for f in _listed(key) if PurePosixPath(f).name == marker} - {"."},
-    )
-    if not names:
-        names = [name for name in BUNDLED_PATHS[key] if bundled_checkpoint(key, name) is not None]
-    return names
+    bundled = [name for name in BUNDLED_PATHS[key] if bundled_checkpoint(key, name) is not None]
+    found = {str(PurePosixPath(f).parent) for f in _listed(key) if PurePosixPath(f).name == marker} - {"."}
+    return sorted(found - set(bundled)) + bundled
 
 
 def landmarker_names() -> list[str]:

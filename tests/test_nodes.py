@@ -266,7 +266,7 @@ def test_model_folders_are_registered_with_their_file_types(comfy, tmp_path):
     assert fresh.folder_names_and_paths["lmdiff_a2l"] == ([str(tmp_path / "elsewhere"), own], {".json"})
 
 
-def test_the_bundled_checkpoint_is_offered_when_the_folder_is_empty(comfy, tmp_path, monkeypatch):
+def test_the_bundled_checkpoints_are_offered_after_the_folders_own(comfy, tmp_path, monkeypatch):
     models = pack_module(comfy, "nodes.models")
     loader = comfy.pack.NODE_CLASS_MAPPINGS["LmdiffLoadA2LModel"]
     empty = tmp_path / "empty"
@@ -285,7 +285,7 @@ def test_the_bundled_checkpoint_is_offered_when_the_folder_is_empty(comfy, tmp_p
 
     monkeypatch.undo()
     monkeypatch.setitem(models.BUNDLED_PATHS, models.A2L, {"bundled": tmp_path / "bundled"})
-    assert loader.INPUT_TYPES()["required"]["model"][0] == ["tiny_a2l"]  # a folder with checkpoints: no bundled
+    assert loader.INPUT_TYPES()["required"]["model"][0] == ["tiny_a2l", "bundled"]  # the folder's first
 
 
 @pytest.mark.parametrize(
