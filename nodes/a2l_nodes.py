@@ -12,7 +12,7 @@ A2L_MODEL = "LMDIFF_A2L_MODEL"
 
 
 class LoadA2LModel:
-    """An audio-to-landmarks checkpoint from models/lmdiff/a2l (the bundled one when that folder is empty)."""
+    """An audio-to-landmarks checkpoint from models/lmdiff/a2l (or a bundled one)."""
 
     CATEGORY = "lmdiff/a2l"
     RETURN_TYPES = (A2L_MODEL,)

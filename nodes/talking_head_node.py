@@ -86,6 +86,7 @@ class TalkingHead:
                 image_mode=portrait_mode,
                 n_frames=frame_count(audio_duration(audio), a2l.fps),
                 progress=report,
+                on_step=check_interrupted,
             )
             result = []
             for frame in out:

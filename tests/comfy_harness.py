@@ -273,7 +273,8 @@ class VHS_LoadVideo:
                 "frame_load_cap": number,
                 "skip_first_frames": number,
                 "select_every_nth": ("INT", {"default": 1, "min": 1}),
-            }
+            },
+            "optional": {"format": (["AnimateDiff", "None"], {"default": "AnimateDiff"})},  # (a shorter list)
         }
 
     def load(self, video, force_rate, frame_load_cap, skip_first_frames, select_every_nth, **_):
@@ -538,10 +539,10 @@ INPUTS = {"portrait": "lmdiff_portrait.png", "speech": "lmdiff_speech.wav", "vid
 MEDIAPIPE_TASK = "weights/mediapipe_face_landmarker/face_landmarker_v2_with_blendshapes.task"
 
 
-def prepare_base(base: Path, shared_path) -> None:
-    """A ComfyUI-like base folder: models/ with tiny checkpoints, the MediaPipe model and TAESD; input/ with the
-    three files the API workflows name (a 256 px portrait, SPEECH_SECONDS of speech, VIDEO_FRAMES of a talking clip);
-    an empty output/."""
+def prepare_base(base: Path, shared_path, mediapipe: bool = True) -> None:
+    """A ComfyUI-like base folder: models/ with tiny checkpoints, the MediaPipe model (unless `mediapipe` is False)
+    and TAESD; input/ with the three files the API workflows name (a 256 px portrait, SPEECH_SECONDS of speech,
+    VIDEO_FRAMES of a talking clip); an empty output/."""
     from PIL import Image
 
     from lmdiff_core.media import read_audio, read_video, write_video
@@ -551,7 +552,8 @@ def prepare_base(base: Path, shared_path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     make_tiny_a2l(models / "lmdiff" / "a2l" / "tiny_a2l")
     make_tiny_l2v(models / "lmdiff" / "l2v" / "tiny_l2v")
-    os.symlink(shared_path(MEDIAPIPE_TASK), models / "lmdiff" / "landmarker" / "face_landmarker.task")
+    if mediapipe:
+        os.symlink(shared_path(MEDIAPIPE_TASK), models / "lmdiff" / "landmarker" / "face_landmarker.task")
     for role in ("encoder", "decoder"):
         name = f"taesd_{role}.safetensors"
         os.symlink(shared_path(f"weights/taesd/{name}"), models / "vae_approx" / name)

@@ -29,6 +29,7 @@ from .comfy_harness import (
     make_tiny_a2l,
     pack_module_name,
 )
+from .conftest import shared_path
 
 NODE_IDS = {
     "LmdiffLoadLandmarker",
@@ -130,6 +131,47 @@ print(len(pack.NODE_CLASS_MAPPINGS), sorted(m for m in {HEAVY!r} if m in sys.mod
     assert done.stdout.split() == [str(len(NODE_IDS)), "[]"], done.stdout
 
 
+def test_the_pack_runs_its_own_core_when_lmdiff_core_is_not_importable(tmp_path):
+    """A clone in custom_nodes with only requirements.txt installed: no importable `lmdiff_core`. The pack's nodes still
+    find the core's data files, and the default landmarker (dlib, no model download) finds the portrait's face."""
+    from PIL import Image
+
+    from lmdiff_core.editing import frontalize
+    from lmdiff_core.landmarks import LandmarkSequence
+
+    portrait = tmp_path / "portrait.png"
+    with Image.open(shared_path("data/images/portrait_woman_a.jpg")) as image:
+        image.convert("RGB").resize((256, 256), Image.LANCZOS).save(portrait)
+    script = f"""
+import importlib.util, sys
+import numpy as np, torch
+from PIL import Image
+sys.modules["lmdiff_core"] = None  # `import lmdiff_core` fails: only the pack's own copy can be used
+name = {pack_module_name()!r}
+spec = importlib.util.spec_from_file_location(name, {str(PACK_ROOT / "__init__.py")!r})
+pack = importlib.util.module_from_spec(spec)
+sys.modules[name] = pack
+spec.loader.exec_module(pack)
+nodes = {{key: cls() for key, cls in pack.NODE_CLASS_MAPPINGS.items()}}
+image = torch.from_numpy(np.asarray(Image.open({str(portrait)!r}), dtype=np.float32) / 255)[None]
+landmarker = nodes["LmdiffLoadLandmarker"].load("auto", "default")[0]
+seq = nodes["LmdiffExtractLandmarks"].extract(landmarker, image, 25.0, "largest", 0, 12)[0]
+seq.save({str(tmp_path / "found.npz")!r})
+nodes["LmdiffFrontalize"].edit(seq, 1.0)[0].save({str(tmp_path / "front.npz")!r})
+print(landmarker.backend)
+"""
+    env = {key: value for key, value in os.environ.items() if key != "LMDIFF_MEDIAPIPE_MODEL"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd="/", env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["dlib"]
+    found = LandmarkSequence.load(tmp_path / "found.npz")
+    assert (len(found), found.topology, found.frame_size) == (1, "ibug68", (256, 256))
+    eyes = found.points[0, 36:48, :2].mean(0)  # the eyes sit in the upper middle of this portrait
+    assert 64 < eyes[0] < 192 and 40 < eyes[1] < 160, eyes
+    np.testing.assert_allclose(LandmarkSequence.load(tmp_path / "front.npz").points, frontalize(found, 1.0).points,
+                               atol=1e-4)  # fmt: skip
+
+
 def test_every_node_declares_what_comfyui_reads(comfy):
     mappings = comfy.pack.NODE_CLASS_MAPPINGS
     assert set(mappings) == NODE_IDS
@@ -208,7 +250,7 @@ def test_model_folders_are_registered_with_their_file_types(comfy, tmp_path):
     assert landmarkers[0] == "default" and "face_landmarker.task" in landmarkers and "notes.txt" not in landmarkers
     a2l = comfy.pack.NODE_CLASS_MAPPINGS["LmdiffLoadA2LModel"].INPUT_TYPES()["required"]["model"][0]
     l2v = comfy.pack.NODE_CLASS_MAPPINGS["LmdiffLoadL2VModel"].INPUT_TYPES()["required"]
-    assert a2l == ["tiny_a2l"] and l2v["model"][0] == ["tiny_l2v"]
+    assert a2l == ["tiny_a2l", "bundled", "bundled-diffusion"] and l2v["model"][0] == ["tiny_l2v", "bundled"]
     autoencoders = l2v["autoencoder"][0]
     assert autoencoders[:2] == ["auto", "pixel"] and "taesd_decoder.safetensors" in autoencoders
 
@@ -224,7 +266,7 @@ def test_model_folders_are_registered_with_their_file_types(comfy, tmp_path):
     assert fresh.folder_names_and_paths["lmdiff_a2l"] == ([str(tmp_path / "elsewhere"), own], {".json"})
 
 
-def test_the_bundled_checkpoint_is_offered_when_the_folder_is_empty(comfy, tmp_path, monkeypatch):
+def test_the_bundled_checkpoints_are_offered_after_the_folders_own(comfy, tmp_path, monkeypatch):
     models = pack_module(comfy, "nodes.models")
     loader = comfy.pack.NODE_CLASS_MAPPINGS["LmdiffLoadA2LModel"]
     empty = tmp_path / "empty"
@@ -243,7 +285,7 @@ def test_the_bundled_checkpoint_is_offered_when_the_folder_is_empty(comfy, tmp_p
 
     monkeypatch.undo()
     monkeypatch.setitem(models.BUNDLED_PATHS, models.A2L, {"bundled": tmp_path / "bundled"})
-    assert loader.INPUT_TYPES()["required"]["model"][0] == ["tiny_a2l"]  # a folder with checkpoints: no bundled
+    assert loader.INPUT_TYPES()["required"]["model"][0] == ["tiny_a2l", "bundled"]  # the folder's first
 
 
 @pytest.mark.parametrize(
@@ -280,6 +322,8 @@ def test_landmarker_choices_resolve_inside_the_landmarker_folder(comfy, tmp_path
     monkeypatch.delenv("LMDIFF_MEDIAPIPE_MODEL", raising=False)
     assert models.landmarker_choice("mediapipe", "default").model_path == folder / "face_landmarker.task"
     assert models.landmarker_choice("dlib", "default").model_path is None  # the predictor shipped with dlib's extra
+    assert models.landmarker_choice("auto", "default") == models.landmarker_choice("mediapipe", "default")
+    assert models.landmarker_choice("auto", "face_landmarker.task").backend == "mediapipe"
     pack = folder / "models" / "antelopev2"
     pack.mkdir(parents=True)
     (pack / "detector.onnx").write_bytes(b"")
@@ -299,7 +343,24 @@ def test_landmarker_choices_resolve_inside_the_landmarker_folder(comfy, tmp_path
     monkeypatch.setitem(comfy.folder_paths.folder_names_and_paths, "lmdiff_landmarker", ([str(tmp_path)], {".task"}))
     with pytest.raises(ValueError, match="models/lmdiff/landmarker") as error:
         models.landmarker_choice("mediapipe", "default")
-    assert "\n" not in str(error.value)
+    assert "\n" not in str(error.value) and "lmdiff download-model" not in str(error.value)
+    assert models.landmarker_choice("auto", "default") == models.landmarker_choice("dlib", "default")  # no .task
+    (tmp_path / "notes.task.txt").write_text("")
+    with pytest.raises(ValueError, match="not a landmarker model"):
+        models.landmarker_choice("auto", "notes.task.txt")
+
+
+def test_errors_reach_comfyui_under_their_short_name(comfy, media):
+    """ComfyUI shows an error as `<module>.<qualname>: message`, or just the qualname for module builtins."""
+    import pickle
+
+    with pytest.raises(ValueError) as error:
+        extract(comfy, media.landmarker, torch.full((3, 64, 64, 3), 0.5))
+    kind = type(error.value)
+    assert (kind.__module__, kind.__qualname__) == ("builtins", "LmdiffInputError")
+    assert str(error.value) == "no face found in any of the 3 frames of the images input"
+    again = pickle.loads(pickle.dumps(error.value))
+    assert type(again) is kind and again.args == error.value.args
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -379,6 +440,44 @@ def test_progress_bars_and_cancel_inside_the_loops(comfy, media, monkeypatch):
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     assert len(extract(comfy, media.landmarker, frames)) == 10  # the next run is not affected
+
+
+def interrupt_after_the_first_step(unet, monkeypatch):
+    """ComfyUI stand-ins whose Cancel flag is raised when `unet` finishes its first forward; counts the forwards."""
+    modules, _ = comfy_stand_ins()
+    state = {"forwards": 0, "interrupted": False}
+
+    def forward_done(*_):
+        state["forwards"] += 1
+        state["interrupted"] = True
+
+    def throw_exception_if_processing_interrupted():
+        if state["interrupted"]:
+            raise Cancelled
+
+    modules["comfy.model_management"].throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return state, unet.register_forward_hook(forward_done)
+
+
+@pytest.mark.parametrize("node", ["LmdiffL2VSampler", "LmdiffTalkingHead"])
+def test_cancel_stops_within_one_denoising_step(comfy, media, monkeypatch, node):
+    seq = media.video_landmarks[:10]
+    if node == "LmdiffL2VSampler":
+        crops, info = run(comfy, "LmdiffFaceCrop", images=media.video[:10], landmarks=seq, size=64, scale=3.2,
+                          smoothing=0.15)  # fmt: skip
+        inputs = dict(l2v_model=media.l2v, crops=crops, crop_info=info, landmarks=seq, identity=crops, mode="dub")
+    else:
+        inputs = dict(a2l_model=media.a2l, l2v_model=media.l2v, landmarker=media.landmarker, audio=media.speech,
+                      images=media.portrait, fps=25.0)  # fmt: skip
+    state, hook = interrupt_after_the_first_step(media.l2v.pipeline.unet, monkeypatch)
+    try:
+        with pytest.raises(Cancelled):
+            run(comfy, node, steps=8, sampler="ddim", guidance=1.0, seed=0, **inputs)
+    finally:
+        hook.remove()
+    assert state["forwards"] == 1  # not the window's 8 steps
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The example workflows: UI format in workflows/, API format in workflows/api/, executed on real media.
+"""The example workflows: UI format in example_workflows/, API format in example_workflows/api/, executed on real media.
 
 The API graphs run in `comfy_harness.run_api_workflow` (validation, then topological execution) with the pack's
 nodes and stand-ins for the core and third-party nodes (LoadImage, LoadAudio, LoadVideo, GetVideoComponents,
@@ -13,12 +13,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .comfy_harness import INPUTS, SPEECH_SECONDS, comfy_environment, is_link, run_api_workflow, ui_to_api
+from .comfy_harness import (
+    FRONTEND_ONLY_NODES,
+    INPUTS,
+    SPEECH_SECONDS,
+    comfy_environment,
+    input_specs,
+    is_link,
+    is_widget,
+    run_api_workflow,
+    ui_to_api,
+    widget_names,
+)
 
-WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+WORKFLOWS = Path(__file__).resolve().parents[1] / "example_workflows"
 NAMES = sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json"))
 TINY = {"LmdiffLoadA2LModel": "tiny_a2l", "LmdiffLoadL2VModel": "tiny_l2v"}
 SAVERS = {"SaveVideo", "VHS_VideoCombine", "SavePoseKpsAsJsonFile"}
+PREVIEWS = {"LoadImage", "LoadVideo", "VHS_LoadVideo", "SaveVideo", "VHS_VideoCombine"}  # the frontend draws one below
+PREVIEW_HEIGHT, TITLE_HEIGHT = 300, 30  # a 256 px preview in a 320 px wide node; the title bar sits above `pos`
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +67,32 @@ def test_ui_workflow_and_api_twin_describe_the_same_graph(comfy, name):
         source = next(node for node in ui["nodes"] if node["id"] == link[1])
         target = next(node for node in ui["nodes"] if node["id"] == link[3])
         assert link[0] in source["outputs"][link[2]]["links"] and target["inputs"][link[4]]["link"] == link[0]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_has_the_current_widgets_a_thumbnail_and_no_overlap(comfy, name):
+    from itertools import combinations
+
+    from PIL import Image
+
+    ui, classes, boxes = load(WORKFLOWS / f"{name}.json"), comfy.classes(), []
+    for node in ui["nodes"]:
+        if node["type"] not in FRONTEND_ONLY_NODES:
+            cls, values = classes[node["type"]], node["widgets_values"]
+            if isinstance(values, dict):  # VideoHelperSuite: by name
+                linked = {slot["name"] for slot in node.get("inputs", []) if slot.get("link") is not None}
+                required = cls.INPUT_TYPES()["required"]
+                assert {n for n, (kind, _) in input_specs(cls).items() if is_widget(kind) and n in required} - linked <= (
+                    set(values)
+                ), node["type"]
+            else:
+                assert len(values) == len(widget_names(cls)), node["type"]
+        (x, y), (w, h) = node["pos"], node["size"]
+        boxes.append((node["type"], x, y - TITLE_HEIGHT, x + w, y + h + PREVIEW_HEIGHT * (node["type"] in PREVIEWS)))
+    for a, b in combinations(boxes, 2):
+        assert a[3] <= b[1] or b[3] <= a[1] or a[4] <= b[2] or b[4] <= a[2], (a, b)
+    with Image.open(WORKFLOWS / f"{name}.jpg") as thumbnail:  # the template browser's card
+        assert thumbnail.format == "JPEG" and min(thumbnail.size) >= 128
 
 
 @pytest.mark.parametrize("name", NAMES)

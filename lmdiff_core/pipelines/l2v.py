@@ -64,8 +64,9 @@ def sample_window(
     known: torch.Tensor | None = None,
     known_weight: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """Denoise one window of F frames [F, C, h, w] from `noise` with `scheduler`.
+    """Denoise one window of F frames [F, C, h, w] from `noise` with `scheduler`; `on_step()` runs after each step.
 
     `known` [K, C, h, w] (K <= F): clean latents already generated for the window's first K frames; at every step
     those frames are blended towards `known` noised to the current level with `known_weight` [K] in 0..1.
@@ -95,6 +96,8 @@ def sample_window(
         else:
             out = unet(model_in, t, condition, pose_latent, pose_mask, identity_latent, frames)
         sample = scheduler.step(out, t, sample, generator=generator).prev_sample
+        if on_step is not None:
+            on_step()
     return sample
 
 
@@ -217,13 +220,15 @@ class LandmarkToVideoPipeline(DiffusionPipeline):
         seed: int | None = 0,
         shared_noise: bool = True,
         progress: Callable[[int, int], None] | None = None,
+        on_step: Callable[[], None] | None = None,
     ) -> Iterator[np.ndarray]:
         """Output frames (uint8 [H, W, 3]) one by one.
 
         frames: the source frames (dub: the video; one-shot: the portrait repeated), as many as `target`;
         source: their image-space landmarks (the crop boxes and the kept regions come from them);
         target: the image-space landmarks to render (same frame size); identity: `reference_crop` of the identity
-        image. `progress(done, total)` is called after each window.
+        image. `progress(done, total)` is called after each window, `on_step()` after each denoising step (a Cancel
+        check may raise from either).
         """
         if self.autoencoder is None:
             raise LmdiffInputError("no autoencoder: pass one to from_pretrained or set_autoencoder")
@@ -292,6 +297,7 @@ class LandmarkToVideoPipeline(DiffusionPipeline):
                     known,
                     weight,
                     generator,
+                    on_step,
                 )
             if k:
                 w = weight.to(latents)[:, None, None, None]

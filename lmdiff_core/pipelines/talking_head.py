@@ -89,6 +89,7 @@ class TalkingHeadPipeline(DiffusionPipeline):
         max_gap: int = 12,
         smooth: bool = True,
         fps: float | None = None,
+        on_step: Callable[[], None] | None = None,
     ) -> tuple[Iterator[np.ndarray], int]:
         """(frames, n): an iterator over the n output frames (uint8 [H, W, 3]) for `audio` (16 kHz mono), from a
         portrait `image` (`image_mode` "one_shot" or "still") or a `video` to dub: a file, or frames uint8
@@ -96,7 +97,7 @@ class TalkingHeadPipeline(DiffusionPipeline):
         another rate resamples the A2L landmarks in time); n = `n_frames`, by default ceil(audio duration x fps).
         `face` picks the person ("largest" or an index from the left, see `detectors.select_face`); for a video,
         gaps of up to `max_gap` frames without that face are filled and `smooth` smooths its landmarks in time.
-        `progress(stage, done, total)`."""
+        `progress(stage, done, total)`; `on_step()` after each L2V denoising step."""
         if (image is None) == (video is None):
             raise LmdiffInputError("give either a portrait image or a video to dub, not both or neither")
         if image_mode not in IMAGE_MODES:
@@ -112,12 +113,12 @@ class TalkingHeadPipeline(DiffusionPipeline):
             if isinstance(video, (str, Path)):
                 video = Path(video)
                 length = frame_count(probe_video(video).duration, fps)
-                name = str(video)
+                name = f"video {video}"
             else:
                 video = _frames_at(video, video_fps or fps, fps)
-                length, name = len(video), "the video frames"
+                length, name = len(video), "the video"
             if length <= 0:
-                raise LmdiffInputError(f"video {name} is shorter than one frame at {fps:g} fps")
+                raise LmdiffInputError(f"{name} is shorter than one frame at {fps:g} fps")
             with stage(timer, "landmarks"):
                 frames_in = iter_frames(video, fps) if isinstance(video, Path) else video
                 source = extract_landmarks(frames_in, landmarker, fps, face, max_gap, source=name)
@@ -176,6 +177,7 @@ class TalkingHeadPipeline(DiffusionPipeline):
             guidance_scale,
             seed,
             progress=report("l2v"),
+            on_step=on_step,
         )
         return out, n
 
