@@ -57,6 +57,10 @@ _WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+WHISPER_BASE = "whisper-base"
+"""The name of the built-in Whisper-base encoder (the ``lmdiff[speech]`` extra, :mod:`whisper_ct2`)."""
+WHISPER_BASE_LAYER: int | str | None = None
+"""The hidden state ``"whisper-base"`` gives by default (chosen by held-out lip sync, see checkpoints/a2l/README.md)."""
 _CONFIG_VERSION = 1  # bump when an extractor's output changes for the same configuration (invalidates caches)
 
 
@@ -239,7 +243,8 @@ class PretrainedSpeechFeatures(AudioFeatureExtractor):
         context_seconds: float = 1.0,
         sample_rate: int = DEFAULT_SAMPLE_RATE,
     ):
-        self.model_dir = _model_folder(model_dir)
+        self.builtin = isinstance(model_dir, str) and model_dir == WHISPER_BASE
+        self.model_dir = model_dir if self.builtin else _model_folder(model_dir)
         self.sub_frames = _positive_int(sub_frames, "sub_frames")
         self.fps = _positive_float(fps, "fps")
         self.sample_rate = _positive_int(sample_rate, "sample_rate")
@@ -252,20 +257,26 @@ class PretrainedSpeechFeatures(AudioFeatureExtractor):
 
         from transformers import AutoConfig
 
-        try:
-            self._hf_config = AutoConfig.from_pretrained(str(self.model_dir), local_files_only=True)
-        except (OSError, ValueError, KeyError) as error:
-            raise LmdiffInputError(
-                f"model folder {self.model_dir} has no readable transformers config.json ({error}); expected a "
-                "wav2vec2, HuBERT or Whisper folder written by save_pretrained"
-            ) from error
+        if self.builtin:
+            from . import whisper_ct2
+
+            whisper_ct2.part_paths()  # the extra is installed (else the pip command), before any work is done
+            self._hf_config = whisper_ct2.encoder_config()
+        else:
+            try:
+                self._hf_config = AutoConfig.from_pretrained(str(self.model_dir), local_files_only=True)
+            except (OSError, ValueError, KeyError) as error:
+                raise LmdiffInputError(
+                    f"model folder {self.model_dir} has no readable transformers config.json ({error}); expected a "
+                    "wav2vec2, HuBERT or Whisper folder written by save_pretrained"
+                ) from error
         self.model_type = getattr(self._hf_config, "model_type", None)
         if self.model_type not in _PRETRAINED_TYPES:
             raise LmdiffInputError(
                 f"model folder {self.model_dir} holds a {self.model_type!r} model; supported speech encoders: "
                 f"{', '.join(_PRETRAINED_TYPES)}"
             )
-        if not any((self.model_dir / name).is_file() for name in _WEIGHT_FILES):
+        if not self.builtin and not any((self.model_dir / name).is_file() for name in _WEIGHT_FILES):
             raise LmdiffInputError(
                 f"model folder {self.model_dir} has no weights (expected one of {', '.join(_WEIGHT_FILES)})"
             )
@@ -317,7 +328,7 @@ class PretrainedSpeechFeatures(AudioFeatureExtractor):
                 )
             )
         self._chunk_samples, self._context_samples = chunk, context
-        self.name = f"{self.model_type}:{self.model_dir.name}"
+        self.name = WHISPER_BASE if self.builtin else f"{self.model_type}:{self.model_dir.name}"
         self._model = None
 
     def config(self) -> dict:
@@ -336,7 +347,12 @@ class PretrainedSpeechFeatures(AudioFeatureExtractor):
         }
 
     def cache_token(self) -> str:
-        """The config plus the names, sizes and modification times of the folder's files (new weights, new key)."""
+        """The config plus the names, sizes and modification times of the folder's files (new weights, new key);
+        for ``whisper-base`` the parts' checksums."""
+        if self.builtin:
+            from .whisper_ct2 import PARTS
+
+            return json.dumps({"config": self.config(), "parts": [sha for _, _, sha in PARTS]}, sort_keys=True)
         files = sorted(
             (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in self.model_dir.iterdir() if p.is_file()
         )
@@ -351,7 +367,11 @@ class PretrainedSpeechFeatures(AudioFeatureExtractor):
         import transformers
 
         try:
-            if self.model_type == "whisper":
+            if self.builtin:
+                from .whisper_ct2 import load_whisper_base_encoder
+
+                model = load_whisper_base_encoder()
+            elif self.model_type == "whisper":
                 full = transformers.WhisperModel.from_pretrained(
                     str(self.model_dir), local_files_only=True, dtype=self.dtype
                 )
@@ -368,8 +388,8 @@ class PretrainedSpeechFeatures(AudioFeatureExtractor):
         return self._model
 
     def _preprocessor_config(self) -> dict:
-        path = self.model_dir / "preprocessor_config.json"
-        if not path.is_file():
+        path = None if self.builtin else self.model_dir / "preprocessor_config.json"
+        if path is None or not path.is_file():
             return {}
         try:
             return json.loads(path.read_text())
@@ -380,7 +400,7 @@ class PretrainedSpeechFeatures(AudioFeatureExtractor):
         from transformers import WhisperFeatureExtractor
 
         n_mels = int(self._hf_config.num_mel_bins)
-        if (self.model_dir / "preprocessor_config.json").is_file():
+        if not self.builtin and (self.model_dir / "preprocessor_config.json").is_file():
             try:
                 extractor = WhisperFeatureExtractor.from_pretrained(str(self.model_dir), local_files_only=True)
             except (OSError, ValueError) as error:
@@ -496,12 +516,14 @@ def load_feature_extractor(
         except TypeError as error:
             raise LmdiffInputError(f"invalid {kind} audio feature config {spec}: {error}") from error
         raise LmdiffInputError(f"audio feature config must have kind 'logmel' or 'pretrained', got {kind!r} in {spec}")
+    if isinstance(spec, str) and spec.strip().lower() == WHISPER_BASE:
+        return PretrainedSpeechFeatures(WHISPER_BASE, **{"layer": WHISPER_BASE_LAYER, **kwargs})
     if isinstance(spec, str | os.PathLike):
         path = Path(spec).expanduser()
         if path.is_dir():
             return PretrainedSpeechFeatures(path, **kwargs)
         raise LmdiffInputError(
-            f"audio features {str(spec)!r}: expected 'logmel' or a folder with a wav2vec2, HuBERT or Whisper model "
+            f"audio features {str(spec)!r}: expected 'logmel', '{WHISPER_BASE}' or a folder with a wav2vec2, HuBERT or Whisper model "
             f"({path} {'is not a folder' if path.exists() else 'does not exist'})"
         )
     raise LmdiffInputError(
