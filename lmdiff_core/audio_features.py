@@ -17,10 +17,11 @@ Extractors:
   and ``k = 4`` sub-frames (a 10 ms hop at 25 fps). It is **not** normalised per utterance: the A2L models
   normalise their inputs themselves, so a clip's loudness reaches them unchanged.
 - :class:`PretrainedSpeechFeatures`: the hidden states of a wav2vec2, HuBERT or Whisper encoder, loaded with
-  ``transformers`` from a local folder only (nothing is downloaded), resampled from the encoder's 50 Hz to
+  ``transformers`` from a local folder only (nothing is downloaded), or ``"whisper-base"``: OpenAI's Whisper base
+  encoder from the ``lmdiff[speech]`` extra (:mod:`whisper_ct2`), resampled from the encoder's 50 Hz to
   ``T * k`` frames by linear interpolation in time. Long audio is encoded in chunks, so memory stays bounded.
 
-Helpers: :func:`load_feature_extractor` builds an extractor from ``"logmel"``, a model folder or a
+Helpers: :func:`load_feature_extractor` builds an extractor from ``"logmel"``, ``"whisper-base"``, a model folder or a
 :meth:`AudioFeatureExtractor.config` dict; :func:`audio_to_mono16k` takes an array, a ComfyUI AUDIO or a path;
 :func:`frame_windows` gathers context windows around every frame; :class:`FeatureCache` keeps computed features on
 disk, keyed by the audio's content and the extractor's configuration.
@@ -199,7 +200,8 @@ class PretrainedSpeechFeatures(AudioFeatureExtractor):
 
     ``model_dir`` is a folder written by ``save_pretrained`` (``config.json`` and the weights, plus
     ``preprocessor_config.json`` where the model has one); it is opened with ``local_files_only=True``, so
-    nothing is ever downloaded. ``model_type`` in its config picks the model: ``Wav2Vec2Model``,
+    nothing is ever downloaded. ``model_dir="whisper-base"`` (the name, not a path) is Whisper base's encoder
+    from the installed ``lmdiff[speech]`` extra (:func:`whisper_ct2.load_whisper_base_encoder`). ``model_type`` in its config picks the model: ``Wav2Vec2Model``,
     ``HubertModel`` or the encoder of ``WhisperModel``. The weights are loaded on first use.
 
     ``layer``: ``None`` for the last hidden state (L = 1), an int for that index of ``hidden_states`` (0 is the
@@ -371,6 +373,10 @@ class PretrainedSpeechFeatures(AudioFeatureExtractor):
                 from .whisper_ct2 import load_whisper_base_encoder
 
                 model = load_whisper_base_encoder()
+            elif self.model_type == "whisper" and getattr(self._hf_config, "architectures", None) == ["WhisperEncoder"]:
+                from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+                model = WhisperEncoder.from_pretrained(str(self.model_dir), local_files_only=True, dtype=self.dtype)
             elif self.model_type == "whisper":
                 full = transformers.WhisperModel.from_pretrained(
                     str(self.model_dir), local_files_only=True, dtype=self.dtype
@@ -488,8 +494,9 @@ def load_feature_extractor(
 ) -> AudioFeatureExtractor:
     """Build a feature extractor.
 
-    ``None`` or ``"logmel"``: :class:`LogMelFeatures`; a dict from :meth:`AudioFeatureExtractor.config`: the same
-    extractor again; a path to a model folder: :class:`PretrainedSpeechFeatures`; an extractor: itself.
+    ``None`` or ``"logmel"``: :class:`LogMelFeatures`; ``"whisper-base"``: :class:`PretrainedSpeechFeatures` of
+    the ``lmdiff[speech]`` extra's encoder at layer :data:`WHISPER_BASE_LAYER` (unless ``layer`` is given); a dict
+    from :meth:`AudioFeatureExtractor.config`: the same extractor again; a path to a model folder: :class:`PretrainedSpeechFeatures`; an extractor: itself.
     ``kwargs`` go to the constructor (and override a dict's values), e.g. ``layer="all"`` or ``device="cuda"``.
     """
     if isinstance(spec, AudioFeatureExtractor):

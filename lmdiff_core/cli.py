@@ -278,7 +278,9 @@ def cmd_a2l(args) -> None:
     reference, image = _reference_landmarks(args, Path(args.reference))
     if reference.space == "image":
         reference = canonicalize(reference)
-    pipeline = AudioToLandmarksPipeline.from_pretrained(args.checkpoint)
+    from .checkpoints import BUNDLED_A2L
+
+    pipeline = AudioToLandmarksPipeline.from_pretrained(args.checkpoint or BUNDLED_A2L)
     with _progress(None, "a2l") as bar:
 
         def progress(done, total):
@@ -492,7 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", help="video files or folders of videos")
     p.add_argument("-o", "--output", required=True, help="dataset folder (created; an existing one is resumed)")
     p.add_argument(
-        "--features", default="logmel", help="audio features: logmel, or a local wav2vec2/HuBERT/Whisper folder"
+        "--features",
+        default="logmel",
+        help="audio features: logmel, whisper-base (the lmdiff[speech] extra), or a local wav2vec2/HuBERT/Whisper folder",
     )
     p.add_argument("--crop-size", type=int, default=256, help="face crops for the L2V stage (0: none)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of clips in the validation split")
@@ -503,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("a2l", help="speech -> talking landmarks with a trained A2L checkpoint")
     p.add_argument("--audio", required=True, help="speech (wav, mp3, flac, m4a or a video with sound)")
     p.add_argument("--reference", required=True, help="the speaker: a portrait image or a landmark file (.npz)")
-    p.add_argument("--checkpoint", required=True, help="A2L checkpoint folder (a training run's final/)")
+    p.add_argument("--checkpoint", help="A2L checkpoint folder (default: the bundled checkpoints/a2l)")
     p.add_argument("-o", "--output", required=True, help="landmark file (.npz): canonical landmarks with their pose")
     p.add_argument("--pose-from", help="take head pose from this video instead of generating it")
     p.add_argument("--preview", help="preview video (.mp4) with the speech")

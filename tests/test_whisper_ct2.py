@@ -181,3 +181,18 @@ def test_real_encoder_tells_speech_from_silence():
     within_silence = (silence @ silence.T).mean()
     across = (silence @ talk.T).mean()
     assert within_silence > 0.6 and across < 0.4  # measured: 0.81 and 0.15
+
+
+@needs_parts
+def test_saved_transformers_folder_gives_the_same_features(tmp_path):
+    """`save_whisper_base` writes an ordinary transformers folder; loaded as a folder it gives the built-in's features."""
+    from lmdiff_core.audio_features import load_feature_extractor
+    from lmdiff_core.media import read_audio
+
+    folder = whisper_ct2.save_whisper_base(tmp_path / "whisper_base")
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    audio = read_audio(shared_path("data/speech/speech_de.wav"))[: 16000 * 2]
+    builtin = load_feature_extractor("whisper-base", layer=4)(audio)
+    saved = load_feature_extractor(str(folder), layer=4)(audio)
+    assert builtin.shape == (50, 2, 1, 512)
+    np.testing.assert_allclose(saved, builtin, atol=1e-4)
