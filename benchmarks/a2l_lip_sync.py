@@ -43,9 +43,10 @@ def clip_scores(pipeline, truth, features, audio, steps: int) -> dict:
     """Real vs shuffled-feature r and mouth LMD (no silence gate), and silent-stretch statistics (gate on)."""
     from lmdiff_core.canonical import to_model_units
     from lmdiff_core.pipelines.a2l import silence_gate
-    from training.train_a2l import lip_indices
+    from lmdiff_core.topology import get_topology
 
-    lips = lip_indices(pipeline.topology)
+    topo = get_topology(pipeline.topology)
+    lips = np.union1d(topo.part_indices("outer_lips"), topo.part_indices("inner_lips"))  # as the trainer's lip loss
     shuffled = features[np.random.default_rng(0).permutation(len(features))]
     out = {"frames": len(truth)}
     real_open = truth.mouth_opening()
@@ -90,7 +91,7 @@ def lip_sync(data: Path, checkpoints: dict[str, Path], cache: Path | None, steps
             arrays = clip_arrays(data, clip["id"])
             points = convert_points(arrays["points"], index["topology"], pipeline.topology)
             truth = LandmarkSequence(points, pipeline.topology, frame_size=CANONICAL_SIZE, space="canonical")
-            audio = arrays["audio"].astype(np.float32) / 32767.0
+            audio = arrays["audio"]  # float32, 16 kHz
             n = len(truth)
             if feature_cache is not None:
                 features = feature_cache.get_or_compute(pipeline.features, audio, n)

@@ -60,8 +60,9 @@ _WEIGHT_FILES = (
 )
 WHISPER_BASE = "whisper-base"
 """The name of the built-in Whisper-base encoder (the ``lmdiff[speech]`` extra, :mod:`whisper_ct2`)."""
-WHISPER_BASE_LAYER: int | str | None = None
-"""The hidden state ``"whisper-base"`` gives by default (chosen by held-out lip sync, see checkpoints/a2l/README.md)."""
+WHISPER_BASE_LAYER: int | str | None = "all"
+"""``"whisper-base"`` gives every hidden state by default, for the A2L models' learned weighted sum: on the held-out
+clips it gave better lip sync than layer 4 or the last layer alone (checkpoints/a2l/README.md)."""
 _CONFIG_VERSION = 1  # bump when an extractor's output changes for the same configuration (invalidates caches)
 
 
