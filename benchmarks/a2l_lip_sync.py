@@ -1,7 +1,8 @@
 """A2L lip sync on held-out people, silent stretches, and the speed / memory of Whisper-base features.
 
-Usage: python benchmarks/a2l_lip_sync.py --data DATASET --checkpoint NAME=FOLDER [...] [--name cpu_2core]
-    [--speech SPEECH.wav] [--cache FOLDER]
+Usage: python benchmarks/a2l_lip_sync.py [--data DATASET --checkpoint NAME=FOLDER ...] [--name cpu_2core]
+    [--speech SPEECH.wav --speed-checkpoint FOLDER] [--cache FOLDER]
+(each run adds its checkpoints / speed cases to the results file of that name, replacing entries of the same name)
 
 DATASET is a folder made by `lmdiff prepare` (any features: each checkpoint computes its own from the clips' stored
 16 kHz audio). For every checkpoint and every clip of the validation split (people held out of training):
@@ -15,7 +16,7 @@ DATASET is a folder made by `lmdiff prepare` (any features: each checkpoint comp
   per frame) there, predicted and real, beside the same numbers in speech.
 
 With ``--speech``: the Whisper-base encoder's CPU time per minute of audio (1 and 2 threads), the whole A2L run
-(features included) on 60 s of speech with the first checkpoint, as a multiple of real time on 2 threads, and the
+(features included) on 60 s of speech with ``--speed-checkpoint``, as a multiple of real time on 2 threads, and the
 peak memory of A2L on 10 s and 10 min of speech (each in its own process). Writes
 benchmarks/results/a2l_lip_sync_<name>.json and .md.
 """
@@ -169,15 +170,23 @@ def speed(checkpoint: Path, speech: Path) -> dict:
 def markdown(report: dict) -> str:
     lines = [f"# A2L lip sync and Whisper-base cost ({report['machine']['cpu']}, {report['date']})", ""]
     names = list(report["lip_sync"])
-    held = [c for c, r in report["lip_sync"][names[0]]["clips"].items() if r["split"] == "val"]
-    lines += ["Held-out clips: mouth-opening r with the clip's audio / with shuffled audio features, mouth LMD (inter-ocular units).", ""]
-    lines += ["| clip | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for clip in held + ["mean"]:
-        cells = []
-        for name in names:
-            r = report["lip_sync"][name]["held_out_mean"] if clip == "mean" else report["lip_sync"][name]["clips"][clip]
-            cells.append(f"r {r['r_audio']:.2f} / {r['r_shuffled']:.2f}, LMD {r['mouth_lmd_audio']:.3f}")
-        lines.append(f"| {clip} | " + " | ".join(cells) + " |")
+    held = [c for c, r in report["lip_sync"][names[0]]["clips"].items() if r["split"] == "val"] if names else []
+    lines += [
+        "Held-out clips: mouth-opening r with the clip's audio (with its audio features in shuffled order); mouth LMD",
+        "(lip landmarks, inter-ocular units) with the audio (shuffled).",
+        "",
+        "| checkpoint | " + " | ".join(held) + " | mean r | mean mouth LMD |",
+        "|---|" + "---|" * (len(held) + 2),
+    ]
+    for name in names:
+        result = report["lip_sync"][name]
+        cells = [f"{result['clips'][c]['r_audio']:.2f} ({result['clips'][c]['r_shuffled']:.2f})" for c in held]
+        mean = result["held_out_mean"]
+        cells += [
+            f"**{mean['r_audio']:.2f}** ({mean['r_shuffled']:.2f})",
+            f"{mean['mouth_lmd_audio']:.4f} ({mean['mouth_lmd_shuffled']:.4f})",
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Silent stretches (all clips with some; pipeline with its silence gate): mean mouth opening and lip motion, predicted vs real.", ""]
     lines += ["| checkpoint | silent frames | opening pred / real (silence) | opening pred / real (speech) | motion pred / real (silence) | motion pred / real (speech) |", "|---|---|---|---|---|---|"]
     for name in names:
@@ -195,7 +204,7 @@ def markdown(report: dict) -> str:
             f"{avg('motion_real_silence'):.4f} | {avg('motion_pred_speech'):.4f} / {avg('motion_real_speech'):.4f} |"
         )
     if report.get("speed"):
-        lines += ["", "Speed and memory (" + report["speed_checkpoint"] + "):", ""]
+        lines += ["", f"Speed and memory ({report['speed_checkpoint']}, {report['machine']['cores']} cores):", ""]
         for key, value in report["speed"].items():
             lines.append(f"- {key}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items()))
     return "\n".join(lines) + "\n"
@@ -208,28 +217,27 @@ def main():
     from bench_a2l import machine
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, type=Path, help="dataset folder made by `lmdiff prepare`")
-    parser.add_argument("--checkpoint", action="append", required=True, help="NAME=FOLDER (repeatable)")
+    parser.add_argument("--data", type=Path, help="dataset folder made by `lmdiff prepare`")
+    parser.add_argument("--checkpoint", action="append", default=[], help="NAME=FOLDER (repeatable)")
     parser.add_argument("--speech", type=Path, help="speech recording for the speed and memory cases")
+    parser.add_argument("--speed-checkpoint", type=Path, help="A2L checkpoint for the speed and memory cases")
     parser.add_argument("--cache", type=Path, help="feature cache folder")
     parser.add_argument("--steps", type=int, default=25, help="diffusion sampling steps")
     parser.add_argument("--name", default="cpu_2core")
     args = parser.parse_args()
-    checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
-    report = {
-        "benchmark": "a2l_lip_sync",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "data": str(args.data),
-        "lip_sync": lip_sync(args.data, {k: Path(v) for k, v in checkpoints.items()}, args.cache, args.steps),
-    }
+    path = RESULTS / f"a2l_lip_sync_{args.name}.json"
+    report = json.loads(path.read_text()) if path.is_file() else {"benchmark": "a2l_lip_sync", "lip_sync": {}}
+    report.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine())
+    if args.checkpoint:
+        checkpoints = {k: Path(v) for k, v in (item.split("=", 1) for item in args.checkpoint)}
+        report["data"] = str(args.data)
+        report["lip_sync"].update(lip_sync(args.data, checkpoints, args.cache, args.steps))
     if args.speech:
-        first = Path(next(iter(checkpoints.values())))
-        report["speed_checkpoint"] = next(iter(checkpoints))
-        report["speed"] = speed(first, args.speech)
+        report["speed_checkpoint"] = str(args.speed_checkpoint)
+        report["speed"] = speed(args.speed_checkpoint, args.speech)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"a2l_lip_sync_{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / f"a2l_lip_sync_{args.name}.md").write_text(markdown(report))
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown(report))
 
 
 if __name__ == "__main__":
