@@ -431,17 +431,36 @@ class PretrainedSpeechFeatures(AudioFeatureExtractor):
     # -- features ------------------------------------------------------------------------------------------------
 
     def _extract(self, audio: np.ndarray, n_frames: int) -> np.ndarray:
-        frames = self.encode(audio)  # [n_enc, L, D] on the 50 Hz grid
+        # Each chunk's encoder frames are resampled as soon as they are there (keeping the chunk's last frame for the
+        # next one), so memory holds the output and one chunk, not every 50 Hz frame of a long file as well.
         n_sub = n_frames * self.sub_frames
         centres = np.arange(n_sub, dtype=np.float64) * (self.sample_rate / (self.fps * self.sub_frames))
-        resampled = _interpolate_frames(frames, (centres - self.encoder_offset) / self.encoder_hop)
-        return resampled.reshape(n_frames, self.sub_frames, self.layers, self.dim)
+        positions = np.maximum((centres - self.encoder_offset) / self.encoder_hop, 0.0)
+        out = np.empty((n_sub, self.layers, self.dim), dtype=np.float32)
+        done, start, buffer = 0, 0, None  # sub-frames written; 50 Hz index of buffer[0]
+        pieces = self._encoded_pieces(audio)
+        piece = next(pieces)
+        while piece is not None:
+            following = next(pieces, None)
+            if buffer is not None:
+                start += len(buffer) - 1
+                piece = np.concatenate([buffer[-1:], piece])
+            buffer, end = piece, start + len(piece)
+            # a sub-frame is ready when both of its neighbouring frames are here (or no frame follows)
+            stop = n_sub if following is None else int(np.searchsorted(positions, end - 1, side="left"))
+            out[done:stop] = _interpolate_frames(buffer, positions[done:stop] - start)
+            done, piece = stop, following
+        return out.reshape(n_frames, self.sub_frames, self.layers, self.dim)
 
     def encode(self, audio: np.ndarray) -> np.ndarray:
         """Encoder frames ``[n_enc, L, D]`` float32 of 16 kHz mono ``audio``, chunked as described above.
 
         Frame ``i`` is centred on sample ``i * encoder_hop + encoder_offset``.
         """
+        return np.concatenate(list(self._encoded_pieces(audio)), axis=0)
+
+    def _encoded_pieces(self, audio: np.ndarray):
+        """The encoder frames of :meth:`encode`, one chunk's kept frames ``[m, L, D]`` at a time, in order."""
         audio = np.asarray(audio, dtype=np.float32)
         if self.model_type != "whisper":
             if len(audio) < self.receptive_field:  # shorter than one encoder frame: pad with silence
@@ -451,16 +470,15 @@ class PretrainedSpeechFeatures(AudioFeatureExtractor):
         hop, n = self.encoder_hop, len(audio)
         chunk, context = self._chunk_samples, self._context_samples
         if n <= chunk:
-            return self._encode_chunk(audio)
+            yield self._encode_chunk(audio)
+            return
         core = chunk - 2 * context
-        pieces = []
         for core_start in range(0, n, core):
             start, stop = max(0, core_start - context), min(n, core_start + core + context)
             frames = self._encode_chunk(audio[start:stop])
             first = (core_start - start) // hop
             last = None if core_start + core >= n else (core_start + core - start) // hop
-            pieces.append(frames[first:last])
-        return np.concatenate(pieces, axis=0)
+            yield frames[first:last]
 
     @torch.inference_mode()
     def _encode_chunk(self, audio: np.ndarray) -> np.ndarray:
