@@ -17,10 +17,11 @@ Extractors:
   and ``k = 4`` sub-frames (a 10 ms hop at 25 fps). It is **not** normalised per utterance: the A2L models
   normalise their inputs themselves, so a clip's loudness reaches them unchanged.
 - :class:`PretrainedSpeechFeatures`: the hidden states of a wav2vec2, HuBERT or Whisper encoder, loaded with
-  ``transformers`` from a local folder only (nothing is downloaded), resampled from the encoder's 50 Hz to
+  ``transformers`` from a local folder only (nothing is downloaded), or ``"whisper-base"``: OpenAI's Whisper base
+  encoder from the ``lmdiff[speech]`` extra (:mod:`whisper_ct2`), resampled from the encoder's 50 Hz to
   ``T * k`` frames by linear interpolation in time. Long audio is encoded in chunks, so memory stays bounded.
 
-Helpers: :func:`load_feature_extractor` builds an extractor from ``"logmel"``, a model folder or a
+Helpers: :func:`load_feature_extractor` builds an extractor from ``"logmel"``, ``"whisper-base"``, a model folder or a
 :meth:`AudioFeatureExtractor.config` dict; :func:`audio_to_mono16k` takes an array, a ComfyUI AUDIO or a path;
 :func:`frame_windows` gathers context windows around every frame; :class:`FeatureCache` keeps computed features on
 disk, keyed by the audio's content and the extractor's configuration.
@@ -57,6 +58,11 @@ _WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+WHISPER_BASE = "whisper-base"
+"""The name of the built-in Whisper-base encoder (the ``lmdiff[speech]`` extra, :mod:`whisper_ct2`)."""
+WHISPER_BASE_LAYER: int | str | None = "all"
+"""``"whisper-base"`` gives every hidden state by default, for the A2L models' learned weighted sum: on the held-out
+clips it gave better lip sync than layer 4 or the last layer alone (checkpoints/a2l/README.md)."""
 _CONFIG_VERSION = 1  # bump when an extractor's output changes for the same configuration (invalidates caches)
 
 
@@ -195,7 +201,8 @@ class PretrainedSpeechFeatures(AudioFeatureExtractor):
 
     ``model_dir`` is a folder written by ``save_pretrained`` (``config.json`` and the weights, plus
     ``preprocessor_config.json`` where the model has one); it is opened with ``local_files_only=True``, so
-    nothing is ever downloaded. ``model_type`` in its config picks the model: ``Wav2Vec2Model``,
+    nothing is ever downloaded. ``model_dir="whisper-base"`` (the name, not a path) is Whisper base's encoder
+    from the installed ``lmdiff[speech]`` extra (:func:`whisper_ct2.load_whisper_base_encoder`). ``model_type`` in its config picks the model: ``Wav2Vec2Model``,
     ``HubertModel`` or the encoder of ``WhisperModel``. The weights are loaded on first use.
 
     ``layer``: ``None`` for the last hidden state (L = 1), an int for that index of ``hidden_states`` (0 is the
@@ -239,7 +246,8 @@ class PretrainedSpeechFeatures(AudioFeatureExtractor):
         context_seconds: float = 1.0,
         sample_rate: int = DEFAULT_SAMPLE_RATE,
     ):
-        self.model_dir = _model_folder(model_dir)
+        self.builtin = isinstance(model_dir, str) and model_dir == WHISPER_BASE
+        self.model_dir = model_dir if self.builtin else _model_folder(model_dir)
         self.sub_frames = _positive_int(sub_frames, "sub_frames")
         self.fps = _positive_float(fps, "fps")
         self.sample_rate = _positive_int(sample_rate, "sample_rate")
@@ -252,20 +260,26 @@ class PretrainedSpeechFeatures(AudioFeatureExtractor):
 
         from transformers import AutoConfig
 
-        try:
-            self._hf_config = AutoConfig.from_pretrained(str(self.model_dir), local_files_only=True)
-        except (OSError, ValueError, KeyError) as error:
-            raise LmdiffInputError(
-                f"model folder {self.model_dir} has no readable transformers config.json ({error}); expected a "
-                "wav2vec2, HuBERT or Whisper folder written by save_pretrained"
-            ) from error
+        if self.builtin:
+            from . import whisper_ct2
+
+            whisper_ct2.part_paths()  # the extra is installed (else the pip command), before any work is done
+            self._hf_config = whisper_ct2.encoder_config()
+        else:
+            try:
+                self._hf_config = AutoConfig.from_pretrained(str(self.model_dir), local_files_only=True)
+            except (OSError, ValueError, KeyError) as error:
+                raise LmdiffInputError(
+                    f"model folder {self.model_dir} has no readable transformers config.json ({error}); expected a "
+                    "wav2vec2, HuBERT or Whisper folder written by save_pretrained"
+                ) from error
         self.model_type = getattr(self._hf_config, "model_type", None)
         if self.model_type not in _PRETRAINED_TYPES:
             raise LmdiffInputError(
                 f"model folder {self.model_dir} holds a {self.model_type!r} model; supported speech encoders: "
                 f"{', '.join(_PRETRAINED_TYPES)}"
             )
-        if not any((self.model_dir / name).is_file() for name in _WEIGHT_FILES):
+        if not self.builtin and not any((self.model_dir / name).is_file() for name in _WEIGHT_FILES):
             raise LmdiffInputError(
                 f"model folder {self.model_dir} has no weights (expected one of {', '.join(_WEIGHT_FILES)})"
             )
@@ -317,7 +331,7 @@ class PretrainedSpeechFeatures(AudioFeatureExtractor):
                 )
             )
         self._chunk_samples, self._context_samples = chunk, context
-        self.name = f"{self.model_type}:{self.model_dir.name}"
+        self.name = WHISPER_BASE if self.builtin else f"{self.model_type}:{self.model_dir.name}"
         self._model = None
 
     def config(self) -> dict:
@@ -336,7 +350,12 @@ class PretrainedSpeechFeatures(AudioFeatureExtractor):
         }
 
     def cache_token(self) -> str:
-        """The config plus the names, sizes and modification times of the folder's files (new weights, new key)."""
+        """The config plus the names, sizes and modification times of the folder's files (new weights, new key);
+        for ``whisper-base`` the parts' checksums."""
+        if self.builtin:
+            from .whisper_ct2 import PARTS
+
+            return json.dumps({"config": self.config(), "parts": [sha for _, _, sha in PARTS]}, sort_keys=True)
         files = sorted(
             (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in self.model_dir.iterdir() if p.is_file()
         )
@@ -351,7 +370,15 @@ class PretrainedSpeechFeatures(AudioFeatureExtractor):
         import transformers
 
         try:
-            if self.model_type == "whisper":
+            if self.builtin:
+                from .whisper_ct2 import load_whisper_base_encoder
+
+                model = load_whisper_base_encoder()
+            elif self.model_type == "whisper" and getattr(self._hf_config, "architectures", None) == ["WhisperEncoder"]:
+                from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+                model = WhisperEncoder.from_pretrained(str(self.model_dir), local_files_only=True, dtype=self.dtype)
+            elif self.model_type == "whisper":
                 full = transformers.WhisperModel.from_pretrained(
                     str(self.model_dir), local_files_only=True, dtype=self.dtype
                 )
@@ -368,8 +395,8 @@ class PretrainedSpeechFeatures(AudioFeatureExtractor):
         return self._model
 
     def _preprocessor_config(self) -> dict:
-        path = self.model_dir / "preprocessor_config.json"
-        if not path.is_file():
+        path = None if self.builtin else self.model_dir / "preprocessor_config.json"
+        if path is None or not path.is_file():
             return {}
         try:
             return json.loads(path.read_text())
@@ -380,7 +407,7 @@ class PretrainedSpeechFeatures(AudioFeatureExtractor):
         from transformers import WhisperFeatureExtractor
 
         n_mels = int(self._hf_config.num_mel_bins)
-        if (self.model_dir / "preprocessor_config.json").is_file():
+        if not self.builtin and (self.model_dir / "preprocessor_config.json").is_file():
             try:
                 extractor = WhisperFeatureExtractor.from_pretrained(str(self.model_dir), local_files_only=True)
             except (OSError, ValueError) as error:
@@ -404,17 +431,36 @@ class PretrainedSpeechFeatures(AudioFeatureExtractor):
     # -- features ------------------------------------------------------------------------------------------------
 
     def _extract(self, audio: np.ndarray, n_frames: int) -> np.ndarray:
-        frames = self.encode(audio)  # [n_enc, L, D] on the 50 Hz grid
+        # Each chunk's encoder frames are resampled as soon as they are there (keeping the chunk's last frame for the
+        # next one), so memory holds the output and one chunk, not every 50 Hz frame of a long file as well.
         n_sub = n_frames * self.sub_frames
         centres = np.arange(n_sub, dtype=np.float64) * (self.sample_rate / (self.fps * self.sub_frames))
-        resampled = _interpolate_frames(frames, (centres - self.encoder_offset) / self.encoder_hop)
-        return resampled.reshape(n_frames, self.sub_frames, self.layers, self.dim)
+        positions = np.maximum((centres - self.encoder_offset) / self.encoder_hop, 0.0)
+        out = np.empty((n_sub, self.layers, self.dim), dtype=np.float32)
+        done, start, buffer = 0, 0, None  # sub-frames written; 50 Hz index of buffer[0]
+        pieces = self._encoded_pieces(audio)
+        piece = next(pieces)
+        while piece is not None:
+            following = next(pieces, None)
+            if buffer is not None:
+                start += len(buffer) - 1
+                piece = np.concatenate([buffer[-1:], piece])
+            buffer, end = piece, start + len(piece)
+            # a sub-frame is ready when both of its neighbouring frames are here (or no frame follows)
+            stop = n_sub if following is None else int(np.searchsorted(positions, end - 1, side="left"))
+            out[done:stop] = _interpolate_frames(buffer, positions[done:stop] - start)
+            done, piece = stop, following
+        return out.reshape(n_frames, self.sub_frames, self.layers, self.dim)
 
     def encode(self, audio: np.ndarray) -> np.ndarray:
         """Encoder frames ``[n_enc, L, D]`` float32 of 16 kHz mono ``audio``, chunked as described above.
 
         Frame ``i`` is centred on sample ``i * encoder_hop + encoder_offset``.
         """
+        return np.concatenate(list(self._encoded_pieces(audio)), axis=0)
+
+    def _encoded_pieces(self, audio: np.ndarray):
+        """The encoder frames of :meth:`encode`, one chunk's kept frames ``[m, L, D]`` at a time, in order."""
         audio = np.asarray(audio, dtype=np.float32)
         if self.model_type != "whisper":
             if len(audio) < self.receptive_field:  # shorter than one encoder frame: pad with silence
@@ -424,16 +470,15 @@ class PretrainedSpeechFeatures(AudioFeatureExtractor):
         hop, n = self.encoder_hop, len(audio)
         chunk, context = self._chunk_samples, self._context_samples
         if n <= chunk:
-            return self._encode_chunk(audio)
+            yield self._encode_chunk(audio)
+            return
         core = chunk - 2 * context
-        pieces = []
         for core_start in range(0, n, core):
             start, stop = max(0, core_start - context), min(n, core_start + core + context)
             frames = self._encode_chunk(audio[start:stop])
             first = (core_start - start) // hop
             last = None if core_start + core >= n else (core_start + core - start) // hop
-            pieces.append(frames[first:last])
-        return np.concatenate(pieces, axis=0)
+            yield frames[first:last]
 
     @torch.inference_mode()
     def _encode_chunk(self, audio: np.ndarray) -> np.ndarray:
@@ -468,8 +513,9 @@ def load_feature_extractor(
 ) -> AudioFeatureExtractor:
     """Build a feature extractor.
 
-    ``None`` or ``"logmel"``: :class:`LogMelFeatures`; a dict from :meth:`AudioFeatureExtractor.config`: the same
-    extractor again; a path to a model folder: :class:`PretrainedSpeechFeatures`; an extractor: itself.
+    ``None`` or ``"logmel"``: :class:`LogMelFeatures`; ``"whisper-base"``: :class:`PretrainedSpeechFeatures` of
+    the ``lmdiff[speech]`` extra's encoder at layer :data:`WHISPER_BASE_LAYER` (unless ``layer`` is given); a dict
+    from :meth:`AudioFeatureExtractor.config`: the same extractor again; a path to a model folder: :class:`PretrainedSpeechFeatures`; an extractor: itself.
     ``kwargs`` go to the constructor (and override a dict's values), e.g. ``layer="all"`` or ``device="cuda"``.
     """
     if isinstance(spec, AudioFeatureExtractor):
@@ -496,12 +542,14 @@ def load_feature_extractor(
         except TypeError as error:
             raise LmdiffInputError(f"invalid {kind} audio feature config {spec}: {error}") from error
         raise LmdiffInputError(f"audio feature config must have kind 'logmel' or 'pretrained', got {kind!r} in {spec}")
+    if isinstance(spec, str) and spec.strip().lower() == WHISPER_BASE:
+        return PretrainedSpeechFeatures(WHISPER_BASE, **{"layer": WHISPER_BASE_LAYER, **kwargs})
     if isinstance(spec, str | os.PathLike):
         path = Path(spec).expanduser()
         if path.is_dir():
             return PretrainedSpeechFeatures(path, **kwargs)
         raise LmdiffInputError(
-            f"audio features {str(spec)!r}: expected 'logmel' or a folder with a wav2vec2, HuBERT or Whisper model "
+            f"audio features {str(spec)!r}: expected 'logmel', '{WHISPER_BASE}' or a folder with a wav2vec2, HuBERT or Whisper model "
             f"({path} {'is not a folder' if path.exists() else 'does not exist'})"
         )
     raise LmdiffInputError(

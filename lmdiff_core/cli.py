@@ -343,9 +343,12 @@ def cmd_a2l(args) -> None:
         _refuse(args, ("max_gap", "no_smooth"), "without --pose-from (they apply to its video)")
         if Path(args.reference).suffix.lower() == ".npz":
             _refuse(args, DETECTOR_OPTIONS, "with a landmark-file --reference and no --pose-from (nothing to detect)")
-    pipeline = AudioToLandmarksPipeline.from_pretrained(args.checkpoint)
+    from .checkpoints import BUNDLED_A2L
+
+    checkpoint = args.checkpoint or BUNDLED_A2L
+    pipeline = AudioToLandmarksPipeline.from_pretrained(checkpoint)
     if not pipeline.is_diffusion:
-        _refuse(args, ("steps", "guidance"), f"with {args.checkpoint}: it is not a diffusion A2L model")
+        _refuse(args, ("steps", "guidance"), f"with {checkpoint}: it is not a diffusion A2L model")
     audio = read_audio(args.audio)
     reference, image = _reference_landmarks(args, Path(args.reference))
     if reference.space == "image":
@@ -633,7 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", help="video files or folders of videos")
     p.add_argument("-o", "--output", required=True, help="dataset folder (created; an existing one is resumed)")
     p.add_argument(
-        "--features", default="logmel", help="audio features: logmel, or a local wav2vec2/HuBERT/Whisper folder"
+        "--features",
+        default="logmel",
+        help="audio features: logmel, whisper-base (the lmdiff[speech] extra), or a local wav2vec2/HuBERT/Whisper folder",
     )
     p.add_argument("--crop-size", type=_non_negative_int, default=256, help="face crops for the L2V stage (0: none)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of clips in the validation split")
@@ -645,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("a2l", help="speech -> talking landmarks with a trained A2L checkpoint")
     p.add_argument("--audio", required=True, help="speech (wav, mp3, flac, m4a or a video with sound)")
     p.add_argument("--reference", required=True, help="the speaker: a portrait image or a landmark file (.npz)")
-    p.add_argument("--checkpoint", required=True, help="A2L checkpoint folder (a training run's final/)")
+    p.add_argument("--checkpoint", help="A2L checkpoint folder (default: the bundled checkpoints/a2l)")
     p.add_argument("-o", "--output", required=True, help="landmark file (.npz): canonical landmarks with their pose")
     p.add_argument("--pose-from", help="take head pose from this video instead of generating it")
     p.add_argument("--preview", help="preview video (.mp4) with the speech")

@@ -1432,3 +1432,37 @@ __all__ = [
     "prepare_dataset",
     "window_starts",
 ]
+
+
+def refeature_dataset(dataset_dir, out_dir, features, cache_dir=None, progress=None) -> Path:
+    """A copy of an A2L dataset with other audio features, computed from each clip's stored 16 kHz ``audio``.
+
+    ``features`` is an `audio_features.load_feature_extractor` spec (e.g. ``"whisper-base"``); landmarks, pose,
+    split and every other array are copied unchanged (crops are not: the copy is for A2L training). ``cache_dir``:
+    an optional `FeatureCache` folder. ``progress(i, n, clip_id)`` is called before each clip. Each clip is written
+    atomically and the index last, so a failed run leaves no complete-looking copy. Returns ``out_dir``.
+    """
+    from .audio_features import FeatureCache
+
+    src, out = Path(dataset_dir).expanduser(), Path(out_dir).expanduser()
+    index = load_index(src)
+    extractor = _load_extractor(features, float(index["fps"]))
+    if (out / INDEX_NAME).exists():
+        raise LmdiffInputError(f"{out} already holds a dataset; choose a new folder for the refeatured copy")
+    (out / CLIPS_FOLDER).mkdir(parents=True, exist_ok=True)
+    cache = FeatureCache(cache_dir) if cache_dir else None
+    clips = []
+    for i, entry in enumerate(index["clips"]):
+        if progress is not None:
+            progress(i, len(index["clips"]), entry["id"])
+        arrays, metadata = _read_a2l(src / entry["files"]["a2l"])
+        audio = arrays["audio"].astype(np.float32) / 32767.0
+        n = int(entry["n_frames"])
+        arrays["features"] = cache.get_or_compute(extractor, audio, n) if cache else extractor(audio, n)
+        metadata["features"] = json.dumps(_normalized(extractor.config()))
+        rel = {"a2l": entry["files"]["a2l"], "crops": None}
+        _save_safetensors(out / rel["a2l"], arrays, metadata)
+        clips.append({**entry, "files": rel, "feature_shape": list(arrays["features"].shape[1:])})
+        _write_json(out / CLIPS_FOLDER / f"{entry['id']}.json", {**clips[-1], "complete": True})
+    _write_json(out / INDEX_NAME, {**index, "features": _normalized(extractor.config()), "crop_size": 0, "clips": clips})
+    return out

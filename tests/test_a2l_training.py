@@ -129,10 +129,12 @@ def test_checkpoint_round_trip_and_exact_frame_counts(lstm_run, tmp_path):
     pipeline = AudioToLandmarksPipeline.from_pretrained(lstm_run / "final")
     reference = _mean_face()
     speech = read_audio(shared_path("data/speech/speech_fr_macron.wav"))
-    for seconds in (0.03, 1.0, 3.37, 11.86):
+    for seconds in (0.21, 1.0, 3.37, 11.86):
         audio = speech[: int(round(seconds * 16000))]
         out = pipeline(audio, reference)
         assert len(out) == frame_count(len(audio) / 16000, 25.0) and out.space == "canonical"
+    with pytest.raises(LmdiffInputError, match="at least 0.2 s"):  # no syllable to animate
+        pipeline(speech[:480], reference)
     pipeline.save_pretrained(tmp_path / "copy")
     again = AudioToLandmarksPipeline.from_pretrained(tmp_path / "copy")
     np.testing.assert_array_equal(again(speech[:32000], reference).points, pipeline(speech[:32000], reference).points)

@@ -584,3 +584,23 @@ def test_prepare_refuses_bad_arguments(prepared, mediapipe_model, tmp_path):
     finally:
         ds._unlock_folder(held)
     assert factory.calls == 0
+
+
+def test_refeature_dataset_recomputes_features_from_the_stored_audio(prepared, tmp_path):
+    """Other features for the same clips: landmarks and split unchanged, features = the extractor on each clip's
+    stored audio (computed here independently), and an existing copy is never overwritten."""
+    src, out = prepared["out"], tmp_path / "refeatured"
+    extractor = LogMelFeatures(n_mels=40, sub_frames=2)
+    ds.refeature_dataset(src, out, extractor)
+    before, after = ds.load_index(src), ds.load_index(out)
+    assert after["features"]["n_mels"] == 40 and after["crop_size"] == 0
+    assert [(c["id"], c["split"], c["n_frames"]) for c in after["clips"]] == [
+        (c["id"], c["split"], c["n_frames"]) for c in before["clips"]
+    ]
+    for clip in before["clips"]:
+        old, new = ds.clip_arrays(src, clip["id"]), ds.clip_arrays(out, clip["id"])
+        np.testing.assert_array_equal(new["points"], old["points"])
+        assert new["features"].shape == (clip["n_frames"], 2, 1, 40)
+        np.testing.assert_allclose(new["features"], extractor(old["audio"], clip["n_frames"]), atol=1e-5)
+    with pytest.raises(LmdiffInputError, match="already holds a dataset"):
+        ds.refeature_dataset(src, out, extractor)

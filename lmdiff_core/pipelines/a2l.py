@@ -32,6 +32,7 @@ CHECKPOINT_INFO = "lmdiff_a2l.json"
 SILENCE_BELOW_LOUD_DB = 40.0  # frames this far below the clip's loud frames are silent
 SILENCE_FLOOR_DB = -60.0  # and so is anything quieter than this (dB full scale)
 SILENCE_MIN_SECONDS = 0.2
+MIN_AUDIO_SECONDS = 0.2  # shorter audio holds no syllable to animate
 
 
 def silence_gate(audio: np.ndarray, n_frames: int, fps: float = 25.0, sample_rate: int = 16000) -> np.ndarray:
@@ -160,7 +161,12 @@ class AudioToLandmarksPipeline:
         puts the talking face where the reference face is.
         """
         audio = audio_to_mono16k(audio)
-        n = frame_count(len(audio) / self.features.sample_rate, self.fps) if n_frames is None else int(n_frames)
+        seconds = len(audio) / self.features.sample_rate
+        if seconds < MIN_AUDIO_SECONDS:
+            raise LmdiffInputError(
+                f"the audio is {seconds:.3f} s long; speech-driven landmarks need at least {MIN_AUDIO_SECONDS} s"
+            )
+        n = frame_count(seconds, self.fps) if n_frames is None else int(n_frames)
         if n <= 0:
             raise LmdiffInputError("the audio is too short: it gives no video frame")
         return self.predict_features(
