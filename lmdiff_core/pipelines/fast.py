@@ -45,6 +45,26 @@ def blend_warped(bank: AppearanceBank, retrieval: Retrieval, frames: np.ndarray,
     return out
 
 
+def warped_references(
+    bank: AppearanceBank, target: LandmarkSequence, k: int = 3, batch: int = 16, progress=None
+) -> Iterator[torch.Tensor]:
+    """The retrieved and warped references for image-space target landmarks, in the target's own stable face crops
+    (`compute_crop_track`, the bank's crop size): float [F, 3, S, S] in 0..1, `batch` frames at a time. Frames
+    without a valid target are grey. `progress(done, total)` after each batch."""
+    n = len(target)
+    retrieval = retrieve_for(bank, target, k)
+    target_crop = transform_landmarks(target, compute_crop_track(target, bank.size))
+    for start in range(0, n, batch):
+        idx = np.arange(start, min(n, start + batch))
+        out = torch.full((len(idx), 3, bank.size, bank.size), 0.5)
+        faces = np.flatnonzero(target.valid[idx])
+        if len(faces):
+            out[faces] = blend_warped(bank, retrieval, idx[faces], target_crop[idx[faces]])
+        yield out
+        if progress is not None:
+            progress(int(idx[-1]) + 1, n)
+
+
 def match_colour(warped: torch.Tensor, crops: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     """`warped` [F, 3, S, S] shifted per channel by the mean difference to `crops` over `region` [F, 1, S, S]
     (the skin around the mouth): the bank frame's lighting becomes the target frame's."""
