@@ -46,7 +46,7 @@ LIP_SIGMA = 0.03  # inter-ocular units: a lip shape this far (RMS) costs as much
 POSE_SIGMA = 15.0  # degrees
 BORDER_ANCHORS = 5  # per crop side: the crop's edge follows the similarity (no bending reaches it)
 SPLINE_SMOOTHING = 1e-4  # ridge on the spline's kernel (normalised crop units): near-coincident points stay solvable
-GRID = 64  # the spline is evaluated on a GRID x GRID grid, upsampled bilinearly to the crop
+GRID = 32  # the spline is evaluated on a GRID x GRID grid, upsampled bilinearly to the crop
 
 
 def _rigid_points() -> np.ndarray:

@@ -49,6 +49,7 @@ NODE_IDS = {
     "LmdiffLoadL2VModel",
     "LmdiffL2VSampler",
     "LmdiffTalkingHead",
+    "LmdiffAppearanceBankReference",
 }
 HEAVY = ("torch", "diffusers", "transformers", "mediapipe", "librosa", "kornia", "scipy", "dlib", "insightface", "av")
 

@@ -36,12 +36,12 @@ def blend_warped(bank: AppearanceBank, retrieval: Retrieval, frames: np.ndarray,
     crop-space target landmarks (F frames)."""
     out = torch.zeros(len(frames), 3, bank.size, bank.size)
     for j in range(retrieval.indices.shape[1]):
-        w = torch.as_tensor(retrieval.weights[frames, j], dtype=torch.float32)
-        used = torch.nonzero(w > 0).flatten()
+        w = retrieval.weights[frames, j]
+        used = np.flatnonzero(w > 0)
         if len(used) == 0:
             continue
-        warped = bank.warp(retrieval.indices[frames[used], j], target_crop[used.numpy()])
-        out[used] += warped * w[used, None, None, None]
+        warped = bank.warp(retrieval.indices[frames[used], j], target_crop[used])
+        out[used] += warped * torch.as_tensor(w[used], dtype=torch.float32)[:, None, None, None]
     return out
 
 
