@@ -160,7 +160,7 @@ class AppearanceBank:
             seen = i + 1
             j = wanted.get(i)
             if j is not None:
-                crop = crop_frames(np.asarray(frame)[None], track, [i])
+                crop = crop_frames(np.array(frame)[None], track, [i])
                 crops[j] = (crop[0] * 255).round().clamp(0, 255).to(torch.uint8)
             if i >= candidates[-1]:
                 break

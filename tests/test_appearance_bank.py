@@ -216,3 +216,19 @@ def test_bad_inputs_give_a_clear_message_or_a_stated_fallback(clip, images_dir, 
     tiny = AppearanceBank.build(small, lm, size=128)
     out = tiny.warp([0], transform_landmarks(lm[:1], compute_crop_track(lm[:1], 128)).to_topology("ibug68"))
     assert out.shape == (1, 3, 128, 128) and torch.isfinite(out).all()
+
+
+def test_generate_cli_fast_mode(tmp_path, clips_dir, mediapipe_model):
+    import soundfile
+
+    from lmdiff_core.cli import main
+    from lmdiff_core.media import frame_count, write_video
+
+    speech = tmp_path / "speech.wav"
+    soundfile.write(speech, read_audio(clips_dir / "cnn_anchor_en.wav")[: int(1.5 * 16000)], 16000)
+    video = tmp_path / "short.mp4"  # 1 s of video for 1.5 s of speech: looped
+    write_video(video, list(iter_frames(clips_dir / "latentsync_woman.mp4", FPS, max_frames=25)), FPS)
+    out = tmp_path / "dub.mp4"
+    args = ["generate", "--audio", str(speech), "--video", str(video), "--mode", "fast", "--size", "128"]
+    assert main([*args, "--model", str(mediapipe_model), "-o", str(out)]) == 0
+    assert sum(1 for _ in iter_frames(out, None)) == frame_count(1.5, FPS) == 38
