@@ -232,3 +232,15 @@ def test_generate_cli_fast_mode(tmp_path, clips_dir, mediapipe_model):
     args = ["generate", "--audio", str(speech), "--video", str(video), "--mode", "fast", "--size", "128"]
     assert main([*args, "--model", str(mediapipe_model), "-o", str(out)]) == 0
     assert sum(1 for _ in iter_frames(out, None)) == frame_count(1.5, FPS) == 38
+
+
+def test_smoothing_leaves_faceless_frames_and_smooths_each_run_alone(clip):
+    _, seq = clip
+    valid = np.ones(len(seq), bool)
+    valid[20:26] = False
+    gappy = seq.replace(points=np.where(valid[:, None, None], seq.points, 0.0), valid=valid)
+    out = smooth_landmarks(gappy)
+    np.testing.assert_array_equal(out.points[20:26], 0.0)
+    np.testing.assert_allclose(out.points[:20], smooth_landmarks(gappy[:20]).points, atol=1e-4)
+    np.testing.assert_allclose(out.points[26:], smooth_landmarks(gappy[26:]).points, atol=1e-4)
+    assert np.abs(out.points[19] - seq.points[19]).max() < 0.05 * float(seq.inter_ocular()[19])  # not pulled to 0
