@@ -12,10 +12,19 @@ Memory against audio length (--lengths 10 600): a portrait (the clip's first fra
 A2L and the tiny L2V U-Net on the weightless pixel autoencoder at 1 step and 64 px crops, in 256 x 256 frames, so
 that the run is short; the model's size does not change whether memory grows with the length. Peak resident memory of each run, in a fresh process.
 
+Fast mode (--fast): dub the first --frames frames of the clip (an mp4 on disk) with its speech in
+`TalkingHeadPipeline.generate(mode="fast")` at each --sizes crop size: decode, landmarks, A2L (the bundled
+checkpoint), the appearance bank (built from the video itself), retrieval, warp, paste-back and writing the mp4, each
+timed (frames decoded for the output pass, and the A2L features, fall in "untimed": total minus the timed stages);
+frames/s end to end. With --lengths, memory against length in fast mode too: the portrait dubbed as a still for
+10 s and 10 min of speech, 128 px crops.
+
 Usage: python benchmarks/bench_pipeline.py [--models default base] [--sizes 256 512] [--steps 1 4 25] [--frames 12]
        [--autoencoder PATH] [--device cpu|cuda] [--name cpu_2core] [--merge]
-       python benchmarks/bench_pipeline.py --lengths 10 600 [--device cpu|cuda] [--name cpu_2core]
-Writes benchmarks/results/pipeline_<name>.json (or pipeline_memory_<name>.json) with the machine described.
+       python benchmarks/bench_pipeline.py --lengths 10 600 [--fast] [--device cpu|cuda] [--name cpu_2core]
+       python benchmarks/bench_pipeline.py --fast [--sizes 256 512] [--frames 250] [--name cpu_2core]
+Writes benchmarks/results/pipeline_<name>.json (pipeline_fast_<name>.json, pipeline_memory[_fast]_<name>.json) with
+the machine described.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ SHARED = REPO.parent / "shared"
 MEDIAPIPE = SHARED / "weights" / "mediapipe_face_landmarker" / "face_landmarker_v2_with_blendshapes.task"
 MODEL_CONFIGS = {"default": "l2v_default_cpu.yaml", "base": "l2v_base_gpu.yaml"}
 STAGES = ("landmarks", "a2l", "crop", "encode", "denoise", "decode", "paste_back", "write_video")
+FAST_STAGES = ("landmarks", "bank", "a2l", "retrieve", "crop", "warp", "paste_back", "write_video")
 
 
 def run_case(case: dict, queue) -> None:
@@ -109,6 +119,76 @@ def run_case(case: dict, queue) -> None:
     queue.put(result)
 
 
+def run_fast_case(case: dict, queue) -> None:
+    import torch
+
+    from lmdiff_core.checkpoints import BUNDLED_A2L, BUNDLED_L2V
+    from lmdiff_core.detectors import load_landmarker
+    from lmdiff_core.media import iter_frames, read_audio, write_video
+    from lmdiff_core.pipelines.a2l import AudioToLandmarksPipeline
+    from lmdiff_core.pipelines.l2v import LandmarkToVideoPipeline
+    from lmdiff_core.pipelines.talking_head import TalkingHeadPipeline
+    from lmdiff_core.pipelines.timing import StageTimer
+
+    torch.manual_seed(0)
+    l2v = LandmarkToVideoPipeline.from_pretrained(BUNDLED_L2V)  # holds the timer; fast mode does not run it
+    pipeline = TalkingHeadPipeline(AudioToLandmarksPipeline.from_pretrained(BUNDLED_A2L), l2v)
+    timer = l2v.timer = StageTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = Path(case["clip"])
+        frames = list(iter_frames(clip, 25.0, max_frames=case["frames"]))
+        audio = read_audio(clip.with_suffix(".wav"))[: len(frames) * 640]
+        video = Path(tmp) / "source.mp4"
+        write_video(video, frames, 25.0, audio=audio)
+        frame_size = list(frames[0].shape[1::-1])
+        del frames
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        started = time.perf_counter()
+        with load_landmarker("mediapipe", MEDIAPIPE, num_faces=1) as landmarker:
+            out, n = pipeline.generate(audio, landmarker, video=video, mode="fast", crop_size=case["size"], seed=0)
+            with timer("write_video"):  # the output pass (retrieve, crop, warp, paste_back) runs inside
+                write_video(Path(tmp) / "out.mp4", out, 25.0, audio=audio)
+        total = time.perf_counter() - started
+    seconds = {stage: round(timer.seconds.get(stage, 0.0), 3) for stage in FAST_STAGES}
+    inner = sum(seconds[s] for s in ("retrieve", "crop", "warp", "paste_back"))
+    seconds["write_video"] = round(seconds["write_video"] - inner, 3)  # the encoder alone
+    seconds["untimed"] = round(total - sum(seconds.values()), 3)
+    queue.put(
+        {
+            **case,
+            "frame_size": frame_size,
+            "frames_out": n,
+            "seconds": seconds,
+            "ms_per_frame": {k: round(1000 * v / n, 2) for k, v in seconds.items()},
+            "total_seconds": round(total, 3),
+            "frames_per_second": round(n / total, 2),
+            "threads": torch.get_num_threads(),
+            "peak_rss_growth_mib": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, 1),
+        }
+    )
+
+
+def fast_speed(args) -> None:
+    results = []
+    for size in args.sizes:
+        case = dict(mode="fast", size=size, frames=args.frames, clip=args.clip)
+        results.append(_in_fresh_process(run_fast_case, case))
+        print(json.dumps(results[-1]), flush=True)
+    _write(RESULTS / f"pipeline_fast_{args.name}.json", __doc__.split("\n\n")[2], results)
+
+
+def _write(path: Path, what: str, results: list) -> None:
+    report = {
+        "machine": machine(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "what": what.replace("\n", " "),
+        "results": results,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")
+
+
 def run_length_case(case: dict, queue) -> None:
     import numpy as np
     import torch
@@ -146,8 +226,9 @@ def run_length_case(case: dict, queue) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, load_landmarker("mediapipe", MEDIAPIPE, num_faces=1) as landmarker:
+        mode = dict(mode="fast", crop_size=case["size"]) if case.get("mode") == "fast" else {}
         frames, n = pipeline.generate(
-            audio, landmarker, image=portrait, image_mode="still", num_inference_steps=1, seed=0
+            audio, landmarker, image=portrait, image_mode="still", num_inference_steps=1, seed=0, **mode
         )
         write_video(Path(tmp) / "out.mp4", frames, 25.0, audio=audio)  # frames are encoded as they come
     total = time.perf_counter() - started
@@ -179,18 +260,12 @@ def memory_against_length(args) -> None:
     results = []
     for seconds in args.lengths:
         case = dict(seconds=seconds, size=64, frame=256, steps=1, clip=args.clip, device=args.device)
+        if args.fast:
+            case.update(mode="fast", size=128)
         results.append(_in_fresh_process(run_length_case, case))
         print(json.dumps(results[-1]), flush=True)
-    report = {
-        "machine": machine(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "what": __doc__.split("\n\n")[2].replace("\n", " "),
-        "results": results,
-    }
-    path = RESULTS / f"pipeline_memory_{args.name}.json"
-    RESULTS.mkdir(exist_ok=True)
-    path.write_text(json.dumps(report, indent=1))
-    print(f"wrote {path}")
+    name = f"pipeline_memory_fast_{args.name}.json" if args.fast else f"pipeline_memory_{args.name}.json"
+    _write(RESULTS / name, __doc__.split("\n\n")[2], results)
 
 
 def main() -> None:
@@ -205,9 +280,12 @@ def main() -> None:
     parser.add_argument("--name", default="cpu_2core")
     parser.add_argument("--merge", action="store_true", help="replace only these cases in an existing results file")
     parser.add_argument("--lengths", nargs="+", type=float, help="seconds of audio: measure memory against length")
+    parser.add_argument("--fast", action="store_true", help="fast mode (appearance bank, no U-Net)")
     args = parser.parse_args()
     if args.lengths:
         return memory_against_length(args)
+    if args.fast:
+        return fast_speed(args)
     results = []
     for model in args.models:
         for size in args.sizes:
@@ -245,15 +323,7 @@ def main() -> None:
         key = lambda r: (r["model"], r["size"], r["steps"])  # noqa: E731
         new = {key(r) for r in results}
         results = sorted([r for r in json.loads(path.read_text())["results"] if key(r) not in new] + results, key=key)
-    report = {
-        "machine": machine(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "what": __doc__.split("\n\n")[1].replace("\n", " "),
-        "results": results,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    path.write_text(json.dumps(report, indent=1))
-    print(f"wrote {path}")
+    _write(path, __doc__.split("\n\n")[1], results)
 
 
 if __name__ == "__main__":

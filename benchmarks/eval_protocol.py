@@ -16,6 +16,11 @@ Modes (each scored against the ground-truth test part, re-encoded like the predi
             blinks, the whole face crop generated).
   still     the clip's frame 0 + the test audio, image_mode "still" (only lips and jaw move). Not in the default
             modes: it costs as much as dubbing.
+  dub_fast  dubbing as `dub` in the pipeline's fast mode: the lower face rebuilt from an appearance bank built from
+            the context part only (`bank_from_video=False`: no test frame is ever retrievable), no U-Net.
+  dub_fast_true   upper-bound diagnostic: as dub_fast, but the target lips are the test part's own (true)
+            landmarks instead of A2L's; the bank is still the context only.
+  still_fast      frame 0 dubbed as a still in fast mode, the bank = frame 0 only (what a one-shot user gives).
 Optional fine-tune (--finetune-steps N > 0), per clip, on its context only (written to an mp4 + wav and prepared with
 `lmdiff_core.dataset.prepare_dataset`, as `lmdiff prepare` does): L2V by `training/train_l2v.py` with a `lora:`
 section on the bundled checkpoint (LoRA rank 8, merged into the run's final/; a copy of the context is the
@@ -65,7 +70,9 @@ FPS = 25.0
 SAMPLE_RATE = 16000
 SAMPLES_PER_FRAME = int(SAMPLE_RATE / FPS)
 CONTEXT_FRACTION = 0.7
-MODES = ("dub", "one_shot", "still")
+MODES = ("dub", "one_shot", "still", "dub_fast", "dub_fast_true", "still_fast")
+FAST_MODES = ("dub_fast", "dub_fast_true", "still_fast")
+BANK_CROP = 256  # px, the fast modes' face crops
 DEFAULT_MODES = ("dub", "one_shot")
 DEFAULT_MAX_SECONDS = 0.8
 DEFAULT_STEPS = 10
@@ -82,8 +89,12 @@ A2L_FINETUNE_LR = 2e-4
 A2L_FINETUNE_BATCH = 8
 A2L_MIN_WINDOW = 25
 
-SUMMARY_KEYS = ("psnr_mouth", "ssim_mouth", "lmd_mouth", "mouth_opening_correlation", "csim", "cpbd")
-SUMMARY_LABELS = ("mouth PSNR (dB)", "mouth SSIM", "LMD mouth", "mouth-opening corr.", "CSIM", "CPBD")
+SUMMARY_KEYS = (
+    "psnr_mouth", "ssim_mouth", "lmd_mouth", "mouth_opening_correlation", "csim", "cpbd", "frame_difference_error_mouth"
+)
+SUMMARY_LABELS = (
+    "mouth PSNR (dB)", "mouth SSIM", "LMD mouth", "mouth-opening corr.", "CSIM", "CPBD", "flicker (frame-diff. error)"
+)
 GROUPS = ("held_out", "seen", "all")
 GROUP_TITLES = {
     "held_out": "held-out clips (people not in the bundled checkpoints' training set)",
@@ -387,19 +398,24 @@ def run_mode(pipeline, mode: str, parts: dict, args, out: Path, bar) -> dict:
         bar.set_postfix_str(f"{mode}: {stage} {done}/{total}", refresh=True)
 
     started = time.perf_counter()
-    with load_landmarker("mediapipe", args.landmarker, video=mode == "dub") as landmarker:
-        source = dict(video=parts["test"], video_fps=FPS) if mode == "dub" else dict(image=parts["frame0"])
-        frames, n = pipeline.generate(
-            audio,
-            landmarker,
-            **source,
-            num_inference_steps=args.steps,
-            seed=args.seed,
-            image_mode="still" if mode == "still" else "one_shot",
-            n_frames=parts["frames_test"],
-            progress=progress,
-        )
-        write_video(pred, frames, FPS, audio=audio)
+    if mode == "dub_fast_true":
+        write_video(pred, true_lips_fast(parts, args), FPS, audio=audio)
+    elif mode in FAST_MODES:
+        with load_landmarker("mediapipe", args.landmarker, video=mode == "dub_fast") as landmarker:
+            source = dict(video=parts["test"], bank_frames=parts["context"], bank_from_video=False)
+            frames, n = pipeline.generate(
+                audio,
+                landmarker,
+                **(source if mode == "dub_fast" else dict(image=parts["frame0"])),
+                seed=args.seed,
+                n_frames=parts["frames_test"],
+                progress=progress,
+                mode="fast",
+                crop_size=BANK_CROP,
+            )
+            write_video(pred, frames, FPS, audio=audio)
+    else:
+        _generate_quality(pipeline, mode, parts, args, pred, progress)
     generate_seconds = time.perf_counter() - started
     bar.set_postfix_str(f"{mode}: evaluate", refresh=True)
     started = time.perf_counter()
@@ -419,6 +435,52 @@ def run_mode(pipeline, mode: str, parts: dict, args, out: Path, bar) -> dict:
     }
 
 
+def _generate_quality(pipeline, mode: str, parts: dict, args, pred: Path, progress) -> None:
+    """The U-Net modes (dub, one_shot, still) written to `pred`."""
+    from lmdiff_core.detectors import load_landmarker
+    from lmdiff_core.media import write_video
+
+    with load_landmarker("mediapipe", args.landmarker, video=mode == "dub") as landmarker:
+        source = dict(video=parts["test"], video_fps=FPS) if mode == "dub" else dict(image=parts["frame0"])
+        frames, n = pipeline.generate(
+            parts["test_audio"],
+            landmarker,
+            **source,
+            num_inference_steps=args.steps,
+            seed=args.seed,
+            image_mode="still" if mode == "still" else "one_shot",
+            n_frames=parts["frames_test"],
+            progress=progress,
+        )
+        write_video(pred, frames, FPS, audio=parts["test_audio"])
+
+
+def true_lips_fast(parts: dict, args):
+    """dub_fast_true's frames: the test part re-rendered in fast mode with its own landmarks as the target, from a
+    bank of the context part only."""
+    from lmdiff_core.appearance_bank import AppearanceBank
+    from lmdiff_core.detectors import extract_landmarks, load_landmarker
+    from lmdiff_core.pipelines.fast import render_fast
+    from lmdiff_core.smoothing import smooth_landmarks
+
+    def landmarks(frames):
+        with load_landmarker("mediapipe", args.landmarker, video=True) as landmarker:
+            return smooth_landmarks(extract_landmarks(frames, landmarker, FPS, max_gap=None))
+
+    bank = AppearanceBank.build(parts["context"], landmarks(parts["context"]), BANK_CROP)
+    source = landmarks(parts["test"]).to_topology("ibug68")
+    return render_fast(parts["test"], source, source, bank)
+
+
+def _generate_default(name: str):
+    """The default of a `TalkingHeadPipeline.generate` argument (what the protocol ran with)."""
+    import inspect
+
+    from lmdiff_core.pipelines.talking_head import TalkingHeadPipeline
+
+    return inspect.signature(TalkingHeadPipeline.generate).parameters[name].default
+
+
 def run_clip(path: Path, args, work: Path, bar) -> dict:
     from lmdiff_core.media import write_video
     from lmdiff_core.pipelines.talking_head import TalkingHeadPipeline
@@ -427,7 +489,8 @@ def run_clip(path: Path, args, work: Path, bar) -> dict:
     record = {"clip": _shown(path), "training_set": training_set(path)}
     started = time.perf_counter()
     try:
-        parts = split_clip(path, args.max_seconds, keep_context=args.finetune_steps > 0)
+        keep_context = args.finetune_steps > 0 or bool(set(args.modes) & {"dub_fast", "dub_fast_true"})
+        parts = split_clip(path, args.max_seconds, keep_context=keep_context)
         record.update(
             {k: parts[k] for k in ("frames_total", "frames_context", "frames_test", "test_start_seconds", "frame_size")}
         )
@@ -642,7 +705,8 @@ def main(argv=None) -> int:
             "steps": args.steps,
             "sampler": "ddim",
             "guidance_scale": 1.0,
-            "a2l_guidance_scale": 1.5,
+            "a2l_guidance_scale": _generate_default("a2l_guidance_scale"),
+            "bank_crop": BANK_CROP,
             "seed": args.seed,
             "finetune_steps": args.finetune_steps,
             "finetune_parts": args.finetune_parts if args.finetune_steps else [],

@@ -446,6 +446,8 @@ def _talking_head(args, pipeline, audio: np.ndarray, out: Path, image=None, vide
             max_gap=_max_gap(args) if hasattr(args, "max_gap") else DEFAULT_MAX_GAP,
             smooth=not getattr(args, "no_smooth", False),
             fps=fps,
+            mode=args.mode,
+            crop_size=args.size or 256,
         )
         write_video(out, frames, fps, audio=audio)
     print(f"{out}: {n} frames at {fps:g} fps with the speech")
@@ -578,13 +580,20 @@ def _add_generation_args(p, image_mode: str) -> None:
         help="for a portrait: one-shot (head motion and blinks, the whole face generated) or still (only the lips "
         f"and jaw move; the photo's other pixels are kept). Default {image_mode}",
     )
+    p.add_argument(
+        "--mode",
+        choices=("quality", "fast"),
+        default="quality",
+        help="quality: the L2V U-Net generates the face; fast: the lower face is rebuilt from the person's own frames "
+        "(retrieved by lip shape and warped, no U-Net; a portrait is dubbed as a still). Default quality",
+    )
     p.add_argument("--a2l", help="A2L checkpoint folder (default: the bundled checkpoints/a2l)")
     p.add_argument("--l2v", help="L2V checkpoint folder (default: the bundled checkpoints/l2v)")
     p.add_argument("--vae", help="autoencoder the L2V model was trained with (a TAESD-family folder or a VAE file)")
     p.add_argument("--steps", type=_positive_int, default=20, help="L2V sampling steps")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance on the landmarks")
     p.add_argument("--sampler", choices=("ddim", "dpm++", "unipc"), default="ddim")
-    p.add_argument("--size", type=_positive_int, help="face crop size (default: the L2V checkpoint's)")
+    p.add_argument("--size", type=_positive_int, help="face crop size (default: the L2V checkpoint's; fast mode: 256)")
     p.add_argument("--seed", type=int, default=0)
 
 

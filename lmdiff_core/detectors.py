@@ -372,7 +372,7 @@ def extract_landmarks(
     landmarker: Landmarker,
     fps: float = 25.0,
     face: FaceSelector = "largest",
-    max_gap: int = 12,
+    max_gap: int | None = 12,
     source: str = "input",
     progress=None,
 ) -> LandmarkSequence:
@@ -380,7 +380,8 @@ def extract_landmarks(
 
     The face is chosen on the first frame that has one (see `select_face`) and followed by box tracking. Frames where
     it is missing are filled when the gap is at most `max_gap` frames (flagged in `.interpolated`); longer gaps raise
-    an error naming the frame range. `progress` is called with the number of frames done, if given.
+    an error naming the frame range. With `max_gap=None` faceless frames stay invalid (for callers that pass them
+    through); only a video without any face is an error. `progress` is called with the number of frames done, if given.
     """
     points, blends, found = [], [], []
     previous = None
@@ -417,7 +418,7 @@ def extract_landmarks(
         if blend_dim is None
         else np.stack([b if b is not None else np.zeros(blend_dim, np.float32) for b in blends]),
     )
-    return fill_gaps(seq, max_gap, source)
+    return seq if max_gap is None else fill_gaps(seq, max_gap, source)
 
 
 def _not_found(face: FaceSelector, most_faces: int, where: str) -> str:

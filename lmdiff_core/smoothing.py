@@ -53,8 +53,16 @@ def smooth_landmarks(
     """Smooth detector jitter without delaying the lips or blinks.
 
     Points are filtered in units of the face size (inter-ocular distance), so the same settings hold for any
-    resolution. Cutoffs are in Hz; betas in 1/(inter-ocular distances per second).
+    resolution. Cutoffs are in Hz; betas in 1/(inter-ocular distances per second). Frames without a face are left
+    as they are and each run of frames with one is smoothed on its own.
     """
+    if not seq.valid.all():
+        runs = np.split(np.arange(len(seq)), np.flatnonzero(np.diff(seq.valid.astype(np.int8))) + 1)
+        points = seq.points.copy()
+        for run in runs:
+            if seq.valid[run[0]]:
+                points[run] = smooth_landmarks(seq[run], min_cutoff, beta, fast_min_cutoff, fast_beta).points
+        return seq.replace(points=points)
     if len(seq) < 3:
         return seq
     if min(min_cutoff, fast_min_cutoff) <= 0 or min(beta, fast_beta) < 0:

@@ -1,6 +1,7 @@
 """ComfyUI nodes: thin adapters over `lmdiff_core` (torch, MediaPipe and diffusers load when a node first runs)."""
 
 from .a2l_nodes import AudioToLandmarks, LoadA2LModel
+from .bank_nodes import AppearanceBankReference
 from .edit_nodes import AddBlinks, AddHeadMotion, FitLength, Frontalize, MouthGain, SmoothLandmarks, TransferPose
 from .l2v_nodes import FaceCrop, L2VSampler, LoadL2VModel, PasteBack
 from .landmark_nodes import ExtractLandmarks, LandmarksToPoseKeypoint, LoadLandmarker, RenderLandmarks
@@ -25,6 +26,7 @@ _NODES = {
     "LmdiffPasteBack": (PasteBack, "Paste Back"),
     "LmdiffLoadL2VModel": (LoadL2VModel, "Load L2V Model"),
     "LmdiffL2VSampler": (L2VSampler, "L2V Sampler"),
+    "LmdiffAppearanceBankReference": (AppearanceBankReference, "Appearance Bank Reference"),
     "LmdiffTalkingHead": (TalkingHead, "Talking Head"),
 }
 

@@ -36,6 +36,13 @@ class TalkingHead:
                 "seed": SEED,
             },
             "optional": {
+                "mode": (
+                    ["quality", "fast"],
+                    {
+                        "tooltip": "quality: the L2V model generates the face; fast: the lower face is rebuilt from the "
+                        "person's own frames (retrieved by lip shape and warped; no model; a portrait stays still)"
+                    },
+                ),
                 "portrait_mode": (
                     ["one_shot", "still"],
                     {
@@ -59,6 +66,7 @@ class TalkingHead:
         guidance,
         seed,
         portrait_mode="one_shot",
+        mode="quality",
     ):
         import numpy as np
 
@@ -71,8 +79,8 @@ class TalkingHead:
         l2v_model.pipeline.set_sampler(sampler)
         progress = Progress(1)
 
-        def report(stage, done, total):  # one bar: the A2L frames, then the L2V frames
-            progress(done + (total if stage == "l2v" else 0), 2 * total)
+        def report(stage, done, total):  # one bar: the A2L frames, then the L2V (or fast mode's) frames
+            progress(done + (total if stage in ("l2v", "fast") else 0), 2 * total)
 
         with a2l_model.running() as a2l, l2v_model.running() as l2v, landmarker.open(video=dubbing) as detector:
             source = {"video": frames, "video_fps": float(fps)} if dubbing else {"image": frames[0]}
@@ -87,6 +95,7 @@ class TalkingHead:
                 n_frames=frame_count(audio_duration(audio), a2l.fps),
                 progress=report,
                 on_step=check_interrupted,
+                mode=mode,
             )
             result = []
             for frame in out:

@@ -16,8 +16,10 @@ from .conftest import shared_path
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "eval_protocol.py"
 CLIP = "edtalk_woman_en"
-MODES = ("dub", "one_shot", "still")
-KEYS = ("psnr_mouth", "ssim_mouth", "lmd_mouth", "mouth_opening_correlation", "csim", "cpbd")
+MODES = ("dub", "one_shot", "still", "dub_fast", "dub_fast_true")
+KEYS = (
+    "psnr_mouth", "ssim_mouth", "lmd_mouth", "mouth_opening_correlation", "csim", "cpbd", "frame_difference_error_mouth"
+)
 
 
 def _protocol():

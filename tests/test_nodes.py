@@ -50,6 +50,7 @@ NODE_IDS = {
     "LmdiffLoadL2VModel",
     "LmdiffL2VSampler",
     "LmdiffTalkingHead",
+    "LmdiffAppearanceBankReference",
 }
 HEAVY = ("torch", "diffusers", "transformers", "mediapipe", "librosa", "kornia", "scipy", "dlib", "insightface", "av")
 
@@ -714,3 +715,29 @@ def test_bad_inputs_give_one_clear_message_and_the_next_call_runs(comfy, media):
     finally:
         dat.unlink(missing_ok=True)
         not_a2l.unlink(missing_ok=True)
+
+
+def test_talking_head_node_fast_mode_dubs_the_video(comfy, media):
+    frames, _, _ = run(comfy, "LmdiffTalkingHead", a2l_model=media.a2l, l2v_model=media.l2v,
+                       landmarker=media.landmarker, audio=media.speech, images=media.video, fps=25.0, steps=1,
+                       sampler="ddim", guidance=1.0, seed=0, mode="fast")  # fmt: skip
+    n = expected_frames(media.speech, 25.0)
+    looped = media.video[np.arange(n) % media.video.shape[0]]
+    assert frames.shape == (n, 256, 256, 3)
+    assert (frames[:, :40] - looped[:, :40]).abs().max() < 1 / 255 + 1e-6  # above the face: the video's own pixels
+    assert (frames - looped).abs().amax(dim=(1, 2, 3)).min() > 0.05  # every frame's mouth was redone
+
+
+def test_appearance_bank_reference_node_warps_the_best_match(comfy, media):
+    fast = comfy.core("pipelines.fast")
+    bank_module = comfy.core("appearance_bank")
+    refs = run(comfy, "LmdiffAppearanceBankReference", bank_images=media.video, bank_landmarks=media.video_landmarks,
+               target_landmarks=media.video_landmarks, crop_size=128, blend=1)[0]  # fmt: skip
+    assert refs.shape == (25, 128, 128, 3)
+    frames = (media.video.numpy() * 255).round().astype(np.uint8)
+    bank = bank_module.AppearanceBank.build(frames, media.video_landmarks, 128)
+    expected = torch.cat(list(fast.warped_references(bank, media.video_landmarks, 1))).permute(0, 2, 3, 1)
+    torch.testing.assert_close(refs, expected)
+    # each frame's own lips are in the bank: its best match is itself (or a frame with the same lips and pose)
+    retrieval = fast.retrieve_for(bank, media.video_landmarks, 1)
+    assert (retrieval.best_cost < 1e-6).all()

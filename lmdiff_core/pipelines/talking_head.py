@@ -7,12 +7,20 @@ landmarks, plus generated head motion and blinks (the A2L checkpoint's training-
 whole face crop. A portrait can also be dubbed as a still video (`image_mode="still"`): only the lips and jaw move
 and everything else stays the photo's own pixels, which small models do best. Either way the output has exactly
 ceil(audio duration x fps) frames.
+
+`mode="quality"` is the path above (the L2V U-Net); `mode="fast"` replaces L2V by the appearance bank
+(`pipelines/fast.py`): the lower face is rebuilt from the person's own frames (the video's, and/or `bank_frames`),
+retrieved by lip shape and pose and warped onto the target landmarks, with no generator. In fast mode a portrait is
+always dubbed as a still (the bank can bend lips, not turn a head), and video frames without a face are passed
+through untouched (counted in a warning) instead of being an error.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable, Iterator
+
+import warnings
 
 import numpy as np
 import torch
@@ -22,15 +30,18 @@ from ..canonical import canonicalize, uncanonicalize
 from ..detectors import FaceSelector, Landmarker, detect_image, extract_landmarks
 from ..editing import dub_landmarks
 from ..errors import LmdiffInputError
+from ..appearance_bank import AppearanceBank
 from ..landmarks import LandmarkSequence
 from ..media import frame_count, iter_frames, probe_video
 from ..motion import add_blinks, apply_head_motion, blink_curve, generate_head_motion
 from ..smoothing import smooth_landmarks
 from .a2l import AudioToLandmarksPipeline
+from .fast import render_fast
 from .l2v import LandmarkToVideoPipeline
 from .timing import stage
 
 IMAGE_MODES = ("one_shot", "still")
+MODES = ("quality", "fast")
 
 
 def natural_motion(talking: LandmarkSequence, a2l: AudioToLandmarksPipeline, seed: int | None) -> LandmarkSequence:
@@ -63,6 +74,29 @@ def _frames_at(frames, video_fps: float, fps: float) -> np.ndarray:
     return frames[np.minimum((np.arange(n) * video_fps / fps + 1e-6).astype(int), len(frames) - 1)]
 
 
+def _open_video(video, video_fps: float | None, fps: float) -> tuple[Path | np.ndarray, int, str]:
+    """(video as a Path or frames at `fps`, its length in frames at `fps`, its name for messages)."""
+    if isinstance(video, (str, Path)):
+        video = Path(video)
+        length, name = frame_count(probe_video(video).duration, fps), f"video {video}"
+    else:
+        video = _frames_at(video, video_fps or fps, fps)
+        length, name = len(video), "the video"
+    if length <= 0:
+        raise LmdiffInputError(f"{name} is shorter than one frame at {fps:g} fps")
+    return video, length, name
+
+
+def _video_landmarks(
+    video, landmarker: Landmarker, fps: float, name: str, max_gap: int | None, face: FaceSelector = "largest",
+    smooth: bool = True,
+) -> LandmarkSequence:
+    """Landmarks of `face` in a video from `_open_video` (`max_gap` as in `extract_landmarks`), smoothed if `smooth`."""
+    frames = iter_frames(video, fps) if isinstance(video, Path) else video
+    source = extract_landmarks(frames, landmarker, fps, face, max_gap, source=name)
+    return smooth_landmarks(source) if smooth else source
+
+
 class TalkingHeadPipeline(DiffusionPipeline):
     """A2L + L2V: audio and a portrait or a video in, frames out (see the module docstring)."""
 
@@ -90,6 +124,11 @@ class TalkingHeadPipeline(DiffusionPipeline):
         smooth: bool = True,
         fps: float | None = None,
         on_step: Callable[[], None] | None = None,
+        mode: str = "quality",
+        bank_frames: np.ndarray | None = None,
+        bank_from_video: bool = True,
+        crop_size: int = 256,
+        bank_k: int = 3,
     ) -> tuple[Iterator[np.ndarray], int]:
         """(frames, n): an iterator over the n output frames (uint8 [H, W, 3]) for `audio` (16 kHz mono), from a
         portrait `image` (`image_mode` "one_shot" or "still") or a `video` to dub: a file, or frames uint8
@@ -97,11 +136,18 @@ class TalkingHeadPipeline(DiffusionPipeline):
         another rate resamples the A2L landmarks in time); n = `n_frames`, by default ceil(audio duration x fps).
         `face` picks the person ("largest" or an index from the left, see `detectors.select_face`); for a video,
         gaps of up to `max_gap` frames without that face are filled and `smooth` smooths its landmarks in time.
-        `progress(stage, done, total)`; `on_step()` after each L2V denoising step."""
+        `progress(stage, done, total)`; `on_step()` after each L2V denoising step.
+
+        `mode` "quality" (L2V) or "fast" (appearance bank, see the module docstring). Fast mode only:
+        `bank_frames` uint8 [T, H, W, 3], more frames of the same person for the bank; `bank_from_video=False`
+        keeps the video's own frames out of the bank (an evaluation dubbing its test frames must); `crop_size` (px)
+        of the bank's face crops; `bank_k` entries blended per frame. Faceless frames pass through untouched."""
         if (image is None) == (video is None):
             raise LmdiffInputError("give either a portrait image or a video to dub, not both or neither")
         if image_mode not in IMAGE_MODES:
             raise LmdiffInputError(f"image_mode must be one of {IMAGE_MODES}, got {image_mode!r}")
+        if mode not in MODES:
+            raise LmdiffInputError(f"mode must be one of {MODES}, got {mode!r}")
         timer = self.l2v.timer
         fps = self.a2l.fps if fps is None else float(fps)
         n = frame_count(len(audio) / 16000, fps) if n_frames is None else int(n_frames)
@@ -109,34 +155,20 @@ class TalkingHeadPipeline(DiffusionPipeline):
             raise LmdiffInputError("the audio is too short: it gives no video frame")
         n_a2l = n if fps == self.a2l.fps else frame_count(n / fps, self.a2l.fps)
         report = (lambda name: lambda d, t: progress(name, d, t)) if progress else (lambda name: None)
+        if mode == "fast":
+            frames = self._generate_fast(
+                audio, landmarker, image, video, video_fps, a2l_guidance_scale, seed, n, report,
+                bank_frames, bank_from_video, crop_size, bank_k, face=face, smooth=smooth, fps=fps,
+            )
+            return frames, n
         if video is not None:
-            if isinstance(video, (str, Path)):
-                video = Path(video)
-                length = frame_count(probe_video(video).duration, fps)
-                name = f"video {video}"
-            else:
-                video = _frames_at(video, video_fps or fps, fps)
-                length, name = len(video), "the video"
-            if length <= 0:
-                raise LmdiffInputError(f"{name} is shorter than one frame at {fps:g} fps")
+            video, length, name = _open_video(video, video_fps, fps)
             with stage(timer, "landmarks"):
-                frames_in = iter_frames(video, fps) if isinstance(video, Path) else video
-                source = extract_landmarks(frames_in, landmarker, fps, face, max_gap, source=name)
-                source = smooth_landmarks(source) if smooth else source
+                source = _video_landmarks(video, landmarker, fps, name, max_gap, face=face, smooth=smooth)
             length = len(source)  # fewer than probed only for partial media (`media.allow_partial_media`)
+            talking = self._dub_talking(audio, source, n, a2l_guidance_scale, seed, report, fps)
             opening = source.mouth_opening()
             valid = np.flatnonzero(source.valid)
-            reference = source[int(valid[np.argmin(opening[valid])])]
-            with stage(timer, "a2l"):
-                talking = self.a2l(
-                    audio,
-                    reference,
-                    n_frames=n_a2l,
-                    guidance_scale=a2l_guidance_scale,
-                    seed=seed,
-                    progress=report("a2l"),
-                )
-            talking = talking if n_a2l == n and fps == talking.fps else talking.resample(fps, n)
             index = np.arange(n) % length
             source_n = source[index]
             target = dub_landmarks(source_n, talking)
@@ -180,6 +212,65 @@ class TalkingHeadPipeline(DiffusionPipeline):
             on_step=on_step,
         )
         return out, n
+
+    def _dub_talking(
+        self, audio, source: LandmarkSequence, n: int, guidance_scale, seed, report, fps: float
+    ) -> LandmarkSequence:
+        """A2L's canonical lips and jaw for `audio` as n frames at `fps`, personalised by the most closed-mouth
+        frame of `source` (the A2L runs at its own rate; another `fps` resamples its landmarks in time)."""
+        opening = source.mouth_opening()
+        valid = np.flatnonzero(source.valid)
+        reference = source[int(valid[np.argmin(opening[valid])])]
+        n_a2l = n if fps == self.a2l.fps else frame_count(n / fps, self.a2l.fps)
+        with stage(self.l2v.timer, "a2l"):
+            talking = self.a2l(
+                audio, reference, n_frames=n_a2l, guidance_scale=guidance_scale, seed=seed, progress=report("a2l")
+            )
+        return talking if n_a2l == n and fps == talking.fps else talking.resample(fps, n)
+
+    def _generate_fast(
+        self, audio, landmarker, image, video, video_fps, a2l_guidance_scale, seed, n, report,
+        bank_frames, bank_from_video, crop_size, bank_k, face="largest", smooth=True, fps=None,
+    ) -> Iterator[np.ndarray]:
+        """The n output frames of `generate` in fast mode (arguments as there; `report(stage)` -> a progress)."""
+        timer = self.l2v.timer
+        fps = self.a2l.fps if fps is None else fps
+        banks = []
+        if bank_frames is not None:
+            extra = _frames_at(bank_frames, fps, fps)
+            with stage(timer, "landmarks"):
+                extra_lm = smooth_landmarks(
+                    extract_landmarks(extra, landmarker, fps, max_gap=None, source="the bank frames")
+                )
+            with stage(timer, "bank"):
+                banks.append(AppearanceBank.build(extra, extra_lm, crop_size, source="the bank frames"))
+        if video is not None:
+            video, length, name = _open_video(video, video_fps, fps)
+            with stage(timer, "landmarks"):
+                source = _video_landmarks(video, landmarker, fps, name, None, face=face, smooth=smooth)
+            faceless = int((~source.valid).sum())
+            if faceless:
+                warnings.warn(f"{name}: no face in {faceless} of {length} frames; they are passed through untouched")
+            if bank_from_video:
+                with stage(timer, "bank"):
+                    banks.append(AppearanceBank.build(_looped_frames(video, fps, length, length), source, crop_size,
+                                                      source=name))
+            frames = _looped_frames(video, fps, n, length)
+            source_n = source[np.arange(n) % length]
+        else:
+            with stage(timer, "landmarks"):
+                source = detect_image(image, landmarker, face, source="portrait")
+            with stage(timer, "bank"):
+                banks.insert(0, AppearanceBank.build([image], source, crop_size, source="the portrait"))
+            frames = (image for _ in range(n))
+            source_n = source[np.zeros(n, dtype=int)]
+        if not banks:
+            raise LmdiffInputError("fast mode needs an appearance bank: give bank_frames or leave bank_from_video on")
+        bank = AppearanceBank.concatenate(banks)
+        talking = self._dub_talking(audio, source, n, a2l_guidance_scale, seed, report, fps)
+        target = dub_landmarks(source_n, talking)
+        source_n = source_n.to_topology(target.topology)
+        return render_fast(frames, source_n, target, bank, k=bank_k, timer=timer, progress=report("fast"))
 
     @torch.no_grad()
     def __call__(self, *args, **kwargs) -> np.ndarray:
