@@ -309,6 +309,19 @@ def test_write_video_round_trip(tmp_path, clip_frames):
     assert aligned_correlation(decoded.audio, speech[:32000], max_lag=1600) > 0.9
 
 
+def test_write_video_preset_is_x264s_and_checked(tmp_path, clip_frames):
+    """The default preset (veryfast) and x264's own default (medium) give the same picture quality class; a preset
+    x264 does not know is one clear message before anything is written."""
+    frames = clip_frames[:25]
+    fast = media.read_video(media.write_video(tmp_path / "fast.mp4", frames, fps=25)).frames
+    medium = media.read_video(media.write_video(tmp_path / "medium.mp4", frames, fps=25, preset="medium")).frames
+    assert psnr(fast, frames) > 30 and psnr(medium, frames) > 30
+    assert not np.array_equal(fast, medium)  # the preset reached the encoder
+    with pytest.raises(LmdiffInputError, match="preset must be one of"):
+        media.write_video(tmp_path / "bad.mp4", frames, fps=25, preset="warp9")
+    assert not (tmp_path / "bad.mp4").exists()
+
+
 def test_write_video_pads_short_audio_with_silence(tmp_path):
     tone = 0.5 * np.sin(2 * np.pi * 440 * np.arange(8000) / 16000).astype(np.float32)  # 0.5 s
     path = media.write_video(tmp_path / "tone.mp4", gray_level_frames(25), fps=25, audio=tone)
