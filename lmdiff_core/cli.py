@@ -314,21 +314,22 @@ def cmd_prepare(args) -> None:
 
 
 def _reference_landmarks(args, path: Path):
-    """One frame of reference landmarks from a .npz (the most closed-mouth valid frame) or a portrait image."""
+    """(reference, rest, image): from a .npz track its `speaker_references` (no image), from a portrait image its
+    landmarks (rest None)."""
     from .landmarks import LandmarkSequence
+    from .pipelines.a2l import speaker_references
 
     if path.suffix.lower() == ".npz":
         seq = LandmarkSequence.load(path)
-        candidates = np.flatnonzero(seq.valid)
-        if candidates.size == 0:
+        if not seq.valid.any():
             raise LmdiffInputError(f"reference landmarks {path} have no valid frame")
-        return seq[int(candidates[np.argmin(seq.mouth_opening()[candidates])])], None
+        return (*speaker_references(seq), None)
     from .detectors import detect_image
     from .media import read_image
 
     image = read_image(path)
     with _open_landmarker(args, video=False) as landmarker:
-        return detect_image(image, landmarker, _face_selector(args.face), source=str(path)), image
+        return detect_image(image, landmarker, _face_selector(args.face), source=str(path)), None, image
 
 
 def cmd_a2l(args) -> None:
@@ -350,7 +351,7 @@ def cmd_a2l(args) -> None:
     if not pipeline.is_diffusion:
         _refuse(args, ("steps", "guidance"), f"with {checkpoint}: it is not a diffusion A2L model")
     audio = read_audio(args.audio)
-    reference, image = _reference_landmarks(args, Path(args.reference))
+    reference, rest, image = _reference_landmarks(args, Path(args.reference))
     if reference.space == "image":
         reference = canonicalize(reference)
     with _progress(None, "a2l") as bar:
@@ -366,6 +367,7 @@ def cmd_a2l(args) -> None:
             guidance_scale=args.guidance,
             seed=args.seed,
             progress=progress,
+            rest=rest,
         )
     n = len(talking)
     if args.pose_from:

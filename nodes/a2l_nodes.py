@@ -90,7 +90,7 @@ class AudioToLandmarks:
         from ..lmdiff_core.editing import transfer_pose
         from ..lmdiff_core.media import frame_count
 
-        reference = _reference(reference_image, landmarker, reference_landmarks)
+        reference, rest = _reference(reference_image, landmarker, reference_landmarks)
         duration = audio_duration(audio)
         n = frame_count(duration, fps)
         with a2l_model.running() as pipeline:
@@ -102,6 +102,7 @@ class AudioToLandmarks:
                 guidance_scale=guidance,
                 seed=seed,
                 progress=Progress(n),
+                rest=rest,
             )
         if talking.fps != fps:
             talking = talking.resample(fps, n_frames=n)
@@ -111,16 +112,17 @@ class AudioToLandmarks:
 
 
 def _reference(image, landmarker, landmarks):
-    """One frame of the speaker's landmarks, from a portrait or from landmarks (their most closed mouth)."""
+    """(reference, rest): the speaker's landmarks from a portrait (rest None), or from landmarks their
+    `speaker_references` (frames across their mouth openings, and the most closed mouth)."""
     from ..lmdiff_core.comfy_io import image_to_frames
     from ..lmdiff_core.detectors import detect_image
-    from ..lmdiff_core.editing import rest_frame
+    from ..lmdiff_core.pipelines.a2l import speaker_references
 
     if (image is None) == (landmarks is None):
         raise LmdiffInputError("connect either a reference image (with a landmarker) or reference landmarks")
     if landmarks is not None:
-        return landmarks[rest_frame(landmarks)]
+        return speaker_references(landmarks)
     if landmarker is None:
         raise LmdiffInputError("the reference image needs a landmarker: connect Load Landmarker")
     with landmarker.open(video=False) as detector:
-        return detect_image(image_to_frames(image)[0], detector, source="the reference image")
+        return detect_image(image_to_frames(image)[0], detector, source="the reference image"), None

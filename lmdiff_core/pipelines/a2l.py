@@ -6,7 +6,12 @@ statistics of the training set) and, for the diffusion model, `scheduler/`.
 
 Any audio length runs in bounded memory: overlapping windows whose overlaps are cross-faded; each diffusion window is
 also conditioned on the frames already generated before it. The output has exactly ceil(duration * fps) frames.
-Silent stretches are pulled to the reference's mouth (still and closed when the reference's mouth is closed).
+Silent stretches are pulled to the reference's mouth (still and closed when the reference's mouth is closed), or
+to a separate `rest` frame.
+
+Several reference frames (e.g. `speaker_references` of a video) give the mean of one prediction per frame: the models
+are trained with a random frame of the clip as the reference, so one frame picks one arbitrary offset (a closed-mouth
+reference gives a mouth that barely opens), while the mean over frames that span the person's range does not.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from ..audio_features import AudioFeatureExtractor, audio_to_mono16k, load_feature_extractor
 from ..canonical import CANONICAL_SIZE, canonicalize, from_model_units, to_model_units
 from ..checkpoints import read_checkpoint_info
+from ..editing import rest_frame
 from ..errors import LmdiffInputError
 from ..landmarks import LandmarkSequence
 from ..media import frame_count
@@ -33,6 +39,19 @@ SILENCE_BELOW_LOUD_DB = 40.0  # frames this far below the clip's loud frames are
 SILENCE_FLOOR_DB = -60.0  # and so is anything quieter than this (dB full scale)
 SILENCE_MIN_SECONDS = 0.2
 MIN_AUDIO_SECONDS = 0.2  # shorter audio holds no syllable to animate
+REFERENCE_QUANTILES = (0.1, 0.3, 0.5, 0.7, 0.9)  # of the mouth opening: the frames `speaker_references` picks
+
+
+def speaker_references(
+    source: LandmarkSequence, quantiles: tuple[float, ...] = REFERENCE_QUANTILES
+) -> tuple[LandmarkSequence, LandmarkSequence]:
+    """(references, rest) from a person's landmark track: the frames at these quantiles of the mouth opening among
+    frames with a face (each frame once, in time order), and the most closed-mouth frame (1 frame)."""
+    at_rest = rest_frame(source)  # checks that some frame has a face
+    valid = np.flatnonzero(source.valid)
+    order = valid[np.argsort(source.mouth_opening()[valid], kind="stable")]
+    picks = [int(order[int(round(q * (len(order) - 1)))]) for q in quantiles]
+    return source[np.unique(picks)], source[at_rest : at_rest + 1]
 
 
 def silence_gate(audio: np.ndarray, n_frames: int, fps: float = 25.0, sample_rate: int = 16000) -> np.ndarray:
@@ -136,12 +155,12 @@ class AudioToLandmarksPipeline:
 
     # -- inference --------------------------------------------------------------------------------------------------
     def reference_points(self, reference: LandmarkSequence) -> np.ndarray:
-        """[N, 3] model-unit reference landmarks from one frame of image-space or canonical landmarks."""
+        """[R, N, 3] model-unit landmarks of every frame of image-space or canonical reference landmarks."""
         if not isinstance(reference, LandmarkSequence) or len(reference) == 0:
             raise LmdiffInputError("the reference must be a LandmarkSequence with at least one frame")
         canonical = reference if reference.space == "canonical" else canonicalize(reference)
         canonical = canonical.to_topology(self.topology)
-        return to_model_units(canonical.points[0])
+        return to_model_units(canonical.points)
 
     def __call__(
         self,
@@ -154,8 +173,11 @@ class AudioToLandmarksPipeline:
         window: int | None = None,
         overlap: int | None = None,
         progress: Callable[[int, int], None] | None = None,
+        rest: LandmarkSequence | None = None,
     ) -> LandmarkSequence:
-        """Canonical landmarks for `audio` (array at 16 kHz, ComfyUI AUDIO dict or path), one per 1/fps.
+        """Canonical landmarks for `audio` (array at 16 kHz, ComfyUI AUDIO dict or path), one per 1/fps: the mean
+        prediction over the `reference` frames (see `speaker_references`); silence pulls to `rest` (as
+        `predict_features`).
 
         The result keeps the reference's pose (its first frame's, if it has one) on every frame, so `uncanonicalize`
         puts the talking face where the reference face is.
@@ -179,6 +201,7 @@ class AudioToLandmarksPipeline:
             window=window,
             overlap=overlap,
             progress=progress,
+            rest=rest,
         )
 
     @torch.no_grad()
@@ -193,40 +216,25 @@ class AudioToLandmarksPipeline:
         window: int | None = None,
         overlap: int | None = None,
         progress: Callable[[int, int], None] | None = None,
+        rest: LandmarkSequence | None = None,
     ) -> LandmarkSequence:
-        """Landmarks from precomputed audio features [T, k, L, D]; `silence` [T] pulls frames to the reference."""
+        """Landmarks from precomputed audio features [T, k, L, D]: the mean of one prediction per `reference` frame;
+        `silence` [T] pulls frames to `rest` (one frame; default the first reference frame)."""
         n = len(features)
-        ref = self.reference_points(reference)
-        param = next(self.model.parameters())
-        ref_t = torch.from_numpy(ref).to(param)[None]
+        refs = self.reference_points(reference)
         window = window or self.window
         if overlap is None:
             overlap = self.model.config.prev_frames // 2 if self.is_diffusion else window // 2
         if not 0 <= overlap < window:
             raise LmdiffInputError(f"window overlap {overlap} must be at least 0 and below the window ({window})")
-        out = np.zeros((n, len(ref), 3), dtype=np.float32)
-        generator = torch.Generator(device="cpu").manual_seed(0 if seed is None else seed)
-        start, done = 0, 0
-        while done < n:
-            stop = min(start + window, n)
-            audio_t = torch.from_numpy(np.ascontiguousarray(features[start:stop])).to(param)[None]
-            if self.is_diffusion:
-                prev_start = max(0, start - self.model.config.prev_frames)
-                prev = None if start == 0 else torch.from_numpy(out[prev_start:start])
-                block = self._denoise(audio_t, ref_t, prev, num_inference_steps, guidance_scale, generator, param)
-            else:
-                block = self.model(audio_t, ref_t)[0].float().cpu().numpy()
-            fade = min(done - start, len(block))
-            if fade > 0:
-                w = _crossfade_weights(fade)[:, None, None]
-                out[start : start + fade] = out[start : start + fade] * (1 - w) + block[:fade] * w
-            out[start + fade : stop] = block[fade:]
-            done = stop
-            start = stop - overlap if stop < n else stop
-            if progress is not None:
-                progress(done, n)
+        out = np.zeros((n, refs.shape[1], 3), dtype=np.float32)
+        for r, ref in enumerate(refs):
+            report = None if progress is None else (lambda done, total, r=r: progress(r * total + done, len(refs) * total))
+            out += self._windows(features, ref, window, overlap, num_inference_steps, guidance_scale, seed, report)
+        out /= len(refs)
         if silence is not None:
-            out = out * (1 - silence[:, None, None]) + ref[None] * silence[:, None, None]
+            still = refs[0] if rest is None else self.reference_points(rest)[0]
+            out = out * (1 - silence[:, None, None]) + still[None] * silence[:, None, None]
         pose = image_size = None
         if reference.space == "canonical" and reference.pose is not None:
             pose, image_size = np.repeat(reference.pose[:1], n, axis=0), reference.image_size
@@ -239,6 +247,34 @@ class AudioToLandmarksPipeline:
             pose=pose,
             image_size=image_size,
         )
+
+    def _windows(self, features, ref, window, overlap, steps, guidance_scale, seed, progress) -> np.ndarray:
+        """[T, N, 3] model-unit landmarks for features [T, k, L, D] and one reference [N, 3], window by window."""
+        n = len(features)
+        param = next(self.model.parameters())
+        ref_t = torch.from_numpy(ref).to(param)[None]
+        out = np.zeros((n, len(ref), 3), dtype=np.float32)
+        generator = torch.Generator(device="cpu").manual_seed(0 if seed is None else seed)
+        start, done = 0, 0
+        while done < n:
+            stop = min(start + window, n)
+            audio_t = torch.from_numpy(np.ascontiguousarray(features[start:stop])).to(param)[None]
+            if self.is_diffusion:
+                prev_start = max(0, start - self.model.config.prev_frames)
+                prev = None if start == 0 else torch.from_numpy(out[prev_start:start])
+                block = self._denoise(audio_t, ref_t, prev, steps, guidance_scale, generator, param)
+            else:
+                block = self.model(audio_t, ref_t)[0].float().cpu().numpy()
+            fade = min(done - start, len(block))
+            if fade > 0:
+                w = _crossfade_weights(fade)[:, None, None]
+                out[start : start + fade] = out[start : start + fade] * (1 - w) + block[:fade] * w
+            out[start + fade : stop] = block[fade:]
+            done = stop
+            start = stop - overlap if stop < n else stop
+            if progress is not None:
+                progress(done, n)
+        return out
 
     def _denoise(self, audio, reference, prev, steps, guidance_scale, generator, param) -> np.ndarray:
         model, scheduler = self.model, self.scheduler

@@ -1,8 +1,8 @@
 """`TalkingHeadPipeline`: speech + a portrait (one-shot) or a video (dubbing) -> a talking-head video, through A2L and L2V.
 
-Dubbing: the video's landmarks give the head pose, the eyes and the crop boxes; A2L (personalised by the video's
-most closed-mouth frame) gives the lips and jaw, put into the video's canonical landmarks and posed like the video;
-L2V regenerates the lower face. A video shorter than the audio is looped. One-shot: A2L from the portrait's
+Dubbing: the video's landmarks give the head pose, the eyes and the crop boxes; A2L (personalised by frames
+across the video's mouth openings, `a2l.speaker_references`) gives the lips and jaw, put into the video's canonical
+landmarks and posed like the video; L2V regenerates the lower face. A video shorter than the audio is looped. One-shot: A2L from the portrait's
 landmarks, plus generated head motion and blinks (the A2L checkpoint's training-set statistics); L2V generates the
 whole face crop. A portrait can also be dubbed as a still video (`image_mode="still"`): only the lips and jaw move
 and everything else stays the photo's own pixels, which small models do best. Either way the output has exactly
@@ -35,7 +35,7 @@ from ..landmarks import LandmarkSequence
 from ..media import frame_count, iter_frames, probe_video
 from ..motion import add_blinks, apply_head_motion, blink_curve, generate_head_motion
 from ..smoothing import smooth_landmarks
-from .a2l import AudioToLandmarksPipeline
+from .a2l import AudioToLandmarksPipeline, speaker_references
 from .fast import render_fast
 from .l2v import LandmarkToVideoPipeline
 from .timing import stage
@@ -216,15 +216,15 @@ class TalkingHeadPipeline(DiffusionPipeline):
     def _dub_talking(
         self, audio, source: LandmarkSequence, n: int, guidance_scale, seed, report, fps: float
     ) -> LandmarkSequence:
-        """A2L's canonical lips and jaw for `audio` as n frames at `fps`, personalised by the most closed-mouth
-        frame of `source` (the A2L runs at its own rate; another `fps` resamples its landmarks in time)."""
-        opening = source.mouth_opening()
-        valid = np.flatnonzero(source.valid)
-        reference = source[int(valid[np.argmin(opening[valid])])]
+        """A2L's canonical lips and jaw for `audio` as n frames at `fps`, personalised by `source`, the person's
+        landmark track (`a2l.speaker_references`: frames across the person's mouth openings, silence pulled to the
+        most closed mouth). The A2L runs at its own rate; another `fps` resamples its landmarks in time."""
+        references, rest = speaker_references(source)
         n_a2l = n if fps == self.a2l.fps else frame_count(n / fps, self.a2l.fps)
         with stage(self.l2v.timer, "a2l"):
             talking = self.a2l(
-                audio, reference, n_frames=n_a2l, guidance_scale=guidance_scale, seed=seed, progress=report("a2l")
+                audio, references, n_frames=n_a2l, guidance_scale=guidance_scale, seed=seed, progress=report("a2l"),
+                rest=rest,
             )
         return talking if n_a2l == n and fps == talking.fps else talking.resample(fps, n)
 
