@@ -18,12 +18,14 @@ Other packs the example workflows need (VideoHelperSuite, comfyui_controlnet_aux
 checkouts given to the test and their requirements installed, as their READMEs say.
 
 MACHINE WORKAROUND (this test machine only, see `torch_family_workaround`): the CPU-only test machine reaches only
-PyPI, where torch is a CUDA build of a newer version and torchaudio / torchvision are CUDA builds (no torchaudio
-2.13 exists). So the torch, torchvision and torchaudio lines are left out of ComfyUI's and the other packs'
-requirements files; torch is the local CPU wheel pinned by the project's constraints-cpu.txt (PIP_CONSTRAINT and
-UV_CONSTRAINT, for every install); torchaudio 2.11.1 is installed without dependencies and with its CUDA-linked
-extension removed (it then runs its pure-PyTorch code; ComfyUI uses its `functional.resample`); torchvision is not
-installed. lmdiff's own requirements.txt is installed as written.
+PyPI, where torch is a CUDA build of a newer version and torchaudio / torchvision are CUDA builds whose compiled parts
+do not load with the CPU torch (no torchaudio 2.13 exists; torchvision 0.28's Python code then fails at import, and
+ComfyUI imports torchvision at startup). So the torch, torchvision and torchaudio lines are left out of ComfyUI's and
+the other packs' requirements files; torch is the local CPU wheel pinned by the project's constraints-cpu.txt
+(PIP_CONSTRAINT and UV_CONSTRAINT, for every install); after all installs, torchaudio 2.11.1 is installed without
+dependencies and with its CUDA-linked extension removed (it then runs its pure-PyTorch code; ComfyUI uses its
+`functional.resample`), and torchvision 0.16.2 without dependencies (the last release that imports without its
+compiled operators; ComfyUI uses its Python transforms only). lmdiff's own requirements.txt is installed as written.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from .comfy_harness import PACK_ROOT
 ROUTES = ("readme", "pip", "manager")
 TORCH_FAMILY = re.compile(r"^\s*(torch|torchvision|torchaudio)\s*([<>=!~;#].*)?$")
 TORCHAUDIO = "torchaudio==2.11.1"  # the newest torchaudio on PyPI; none is built for torch 2.13
+TORCHVISION = "torchvision==0.16.2"  # imports without its compiled operators (0.17+ does not)
 STEP_SECONDS = 1800
 
 
@@ -103,7 +106,6 @@ def fresh_comfyui(source: Path, base: Path, route: str) -> Installed:
     installed.pip("torch (constraints-cpu.txt: the local CPU wheel)", "torch")
     requirements = without_torch_family(comfyui / "requirements.txt", base / "comfyui-requirements.txt")
     installed.pip("ComfyUI's requirements.txt (workaround: torch family out)", "-r", requirements)
-    torch_family_workaround(installed)
     return installed
 
 
@@ -115,12 +117,13 @@ def without_torch_family(requirements: Path, target: Path) -> Path:
 
 
 def torch_family_workaround(installed: Installed) -> None:
-    """MACHINE WORKAROUND: torchaudio from PyPI without its CUDA-linked extension (see the module doc)."""
+    """MACHINE WORKAROUND: torchaudio without its CUDA-linked extension, torchvision 0.16.2 (see the module doc)."""
+    installed.pip("workaround: torchvision without dependencies", "--no-deps", TORCHVISION)
     installed.pip("workaround: torchaudio without dependencies", "--no-deps", TORCHAUDIO)
     code = (
         "import pathlib, importlib.util as u; lib = pathlib.Path(u.find_spec('torchaudio').origin).parent / 'lib'\n"
         "for so in lib.glob('*.so'): so.unlink(); print('removed', so)\n"
-        "import torch, torchaudio.functional as F; assert F.resample(torch.zeros(1, 160), 16000, 44100).shape[-1] == 441"
+        "import torch, torchvision, torchaudio.functional as F; assert F.resample(torch.zeros(1, 160), 16000, 44100).shape[-1] == 441"
     )
     installed.run("workaround: torchaudio's CUDA-linked extension removed", [installed.python, "-c", code])
 
@@ -202,5 +205,6 @@ def fresh_install(route: str, source: Path, base: Path, other_packs: list[Path],
         raise ValueError(f"unknown install route {route!r}; expected one of {ROUTES}")
     for checkout in other_packs:
         install_other_pack(installed, checkout)
+    torch_family_workaround(installed)
     installed.run("pip check (reported, not required)", [installed.python, "-m", "pip", "check"], check=False)
     return installed

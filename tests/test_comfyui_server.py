@@ -146,25 +146,28 @@ class Server:
         pytest.fail(f"prompt {prompt_id} did not finish within {RUN_SECONDS} s:\n{self.log_tail()}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def results_file():
-    """Write what the routes did to LMDIFF_COMFYUI_RESULTS after the module's tests."""
-    yield
-    if RESULTS_FILE and RESULTS["routes"]:
-        source = Path(COMFYUI_SOURCE)
-        commit = subprocess.run(["git", "-C", source, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
-        version = (source / "comfyui_version.py").read_text().split("=")[-1].strip().strip('"')
-        RESULTS.update(machine=f"{platform.machine()} {platform.processor() or ''}".strip(), cpus=os.cpu_count(),
-                       comfyui={"version": version, "commit": commit.strip() or None})  # fmt: skip
-        Path(RESULTS_FILE).write_text(json.dumps(RESULTS, indent=2) + "\n")
+def save_results() -> None:
+    """Write what the routes did so far to LMDIFF_COMFYUI_RESULTS (when set)."""
+    if not (RESULTS_FILE and RESULTS["routes"]):
+        return
+    source = Path(COMFYUI_SOURCE)
+    commit = subprocess.run(["git", "-C", source, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    version = (source / "comfyui_version.py").read_text().split("=")[-1].strip().strip('"')
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "")
+    RESULTS.update(machine=f"{platform.machine()} {model}".strip(), cpus=os.cpu_count(),
+                   comfyui={"version": version, "commit": commit.strip() or None})  # fmt: skip
+    Path(RESULTS_FILE).write_text(json.dumps(RESULTS, indent=2) + "\n")
 
 
 @pytest.fixture(scope="module", params=SELECTED_ROUTES)
 def server(request, tmp_path_factory):
     route = request.param
     base = tmp_path_factory.mktemp(f"comfyui_{route}")
+    record = RESULTS["routes"].setdefault(route, {"install": "failed (see the test's output)"})
+    save_results()
     installed = fresh_install(route, Path(COMFYUI_SOURCE), base / "install", OTHER_PACKS, MANAGER)
-    record = RESULTS["routes"].setdefault(route, {})
+    record["install"] = "done"
     record.update(pack_commit=installed.pack_commit, install_steps=installed.steps, workflows={})
     record["install_seconds"] = round(sum(step["seconds"] for step in installed.steps), 1)
     prepare_base(base, shared_path, mediapipe=False)
@@ -177,6 +180,7 @@ def server(request, tmp_path_factory):
         yield comfy
     finally:
         comfy.stop()
+        save_results()
 
 
 def workflow(name: str, tiny: bool = True, **changes) -> dict:
@@ -242,6 +246,7 @@ def test_api_workflow_runs_in_the_server(server, name):
     for keypoints in (f for f in server.base.joinpath("output").rglob("lmdiff*.json")):
         assert len(json.loads(keypoints.read_text())) == n
     record[name]["checked"] = f"one mp4 of {n} frames"
+    save_results()
 
 
 def test_bad_inputs_fail_with_one_clear_message_and_the_next_prompt_runs(server, tmp_path):
