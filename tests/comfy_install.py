@@ -47,6 +47,18 @@ import pytest
 from .comfy_harness import PACK_ROOT
 
 ROUTES = ("readme", "pip", "manager")
+HOW = {
+    "readme": "git clone <this repository> custom_nodes/lmdiff; pip install -r custom_nodes/lmdiff/requirements.txt",
+    "pip": "git clone <this repository> custom_nodes/lmdiff; pip install 'custom_nodes/lmdiff[dlib,speech]' (lmdiff "
+    "in site-packages too; ComfyUI loads packs only from custom_nodes folders)",
+    "manager": "ComfyUI-Manager cloned into custom_nodes + its requirements.txt; cm-cli.py install <git url of this "
+    "repository, served on 127.0.0.1>",
+}
+WORKAROUND = (
+    "this machine only: torch/torchvision/torchaudio lines left out of ComfyUI's and the other packs' requirements; "
+    "torch==2.13.0 local CPU wheel via constraints-cpu.txt; torchaudio 2.11.1 --no-deps without its CUDA-linked "
+    "extension; torchvision 0.16.2 --no-deps"
+)
 TORCH_FAMILY = re.compile(r"^\s*(torch|torchvision|torchaudio)\s*([<>=!~;#].*)?$")
 TORCHAUDIO = "torchaudio==2.11.1"  # the newest torchaudio on PyPI; none is built for torch 2.13
 TORCHVISION = "torchvision==0.16.2"  # imports without its compiled operators (0.17+ does not)
@@ -63,6 +75,13 @@ class Installed:
     log: Path
     steps: list = field(default_factory=list)
     pack_commit: str = ""
+    other_packs: dict = field(default_factory=dict)  # name -> commit of the checkout copied
+    notes: list = field(default_factory=list)
+
+    def shown(self, command: list) -> str:
+        """`command` as the results show it: the temporary folder as <base>, this repository as <this repository>."""
+        text = " ".join(map(str, command))
+        return text.replace(str(self.log.parent), "<base>").replace(str(PACK_ROOT), "<this repository>")
 
     def run(self, step: str, command: list, cwd: Path | None = None, check: bool = True) -> str:
         """Run one install step; fail the test with the end of its output when it fails (when `check`)."""
@@ -78,7 +97,7 @@ class Installed:
         output = done.stdout + done.stderr
         with open(self.log, "a") as log:
             log.write(f"\n$ {' '.join(map(str, command))}  # {step}, {seconds} s, exit {done.returncode}\n{output}")
-        self.steps.append({"step": step, "command": " ".join(map(str, command)), "seconds": seconds,
+        self.steps.append({"step": step, "command": self.shown(command), "seconds": seconds,
                            "exit": done.returncode})  # fmt: skip
         if check and done.returncode != 0:
             pytest.fail(f"install step '{step}' failed (exit {done.returncode}):\n{output[-4000:]}")
@@ -144,6 +163,7 @@ def install_other_pack(installed: Installed, checkout: Path) -> None:
     """Another node pack: copied into custom_nodes, its requirements installed (workaround: torch family out)."""
     target = installed.comfyui / "custom_nodes" / checkout.name
     copy_checkout(checkout, target)
+    installed.other_packs[checkout.name] = git_commit(checkout)
     requirements = target / "requirements.txt"
     if requirements.is_file():
         filtered = without_torch_family(requirements, installed.log.parent / f"{checkout.name}-requirements.txt")
@@ -177,6 +197,7 @@ def install_with_manager(installed: Installed, manager: Path) -> None:
     """ComfyUI-Manager as its README says, then `cm-cli.py install <url of this repository>`."""
     target = installed.comfyui / "custom_nodes" / "ComfyUI-Manager"
     copy_checkout(manager, target)
+    installed.other_packs["ComfyUI-Manager"] = git_commit(manager)
     installed.pip("ComfyUI-Manager's requirements.txt", "-r", target / "requirements.txt")
     served = GitHttpServer(installed.log.parent)
     try:
@@ -185,6 +206,9 @@ def install_with_manager(installed: Installed, manager: Path) -> None:
     finally:
         served.close()
     assert "[INSTALLED]" in output and (installed.comfyui / "custom_nodes" / "lmdiff").is_dir(), output[-3000:]
+    for line in output.splitlines():
+        if "version is outdated" in line or "Cannot connect" in line or "network error" in line:
+            installed.notes.append(f"cm-cli said: {line.strip()}")
     installed.pack_commit = git_commit(installed.comfyui / "custom_nodes" / "lmdiff")
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from .comfy_harness import INPUTS, PACK_ROOT, SPEECH_SECONDS, prepare_base
-from .comfy_install import ROUTES, fresh_install
+from .comfy_install import HOW, ROUTES, WORKAROUND, fresh_install
 from .conftest import shared_path
 
 COMFYUI_SOURCE = os.environ.get("LMDIFF_COMFYUI_DIR")
@@ -42,7 +42,7 @@ RESULTS_FILE = os.environ.get("LMDIFF_COMFYUI_RESULTS")
 WORKFLOWS = PACK_ROOT / "example_workflows" / "api"
 TINY = {"LmdiffLoadA2LModel": "tiny_a2l", "LmdiffLoadL2VModel": "tiny_l2v"}
 START_SECONDS, RUN_SECONDS = 240, 1500
-RESULTS: dict = {"routes": {}}
+RESULTS: dict = {"machine_workaround": WORKAROUND, "routes": {}}
 
 pytestmark = pytest.mark.skipif(
     not COMFYUI_SOURCE, reason="opt-in: set LMDIFF_COMFYUI_DIR (a ComfyUI source checkout, copied for each install)"
@@ -156,6 +156,7 @@ def save_results() -> None:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "")
     RESULTS.update(machine=f"{platform.machine()} {model}".strip(), cpus=os.cpu_count(),
+                   torch_threads=os.environ.get("OMP_NUM_THREADS", "unset"),
                    comfyui={"version": version, "commit": commit.strip() or None})  # fmt: skip
     Path(RESULTS_FILE).write_text(json.dumps(RESULTS, indent=2) + "\n")
 
@@ -164,11 +165,12 @@ def save_results() -> None:
 def server(request, tmp_path_factory):
     route = request.param
     base = tmp_path_factory.mktemp(f"comfyui_{route}")
-    record = RESULTS["routes"].setdefault(route, {"install": "failed (see the test's output)"})
+    record = RESULTS["routes"].setdefault(route, {"how": HOW[route], "install": "failed (see the test's output)"})
     save_results()
     installed = fresh_install(route, Path(COMFYUI_SOURCE), base / "install", OTHER_PACKS, MANAGER)
     record["install"] = "done"
-    record.update(pack_commit=installed.pack_commit, install_steps=installed.steps, workflows={})
+    record.update(pack_commit=installed.pack_commit, other_packs=installed.other_packs, notes=installed.notes,
+                  install_steps=installed.steps, workflows={})  # fmt: skip
     record["install_seconds"] = round(sum(step["seconds"] for step in installed.steps), 1)
     prepare_base(base, shared_path, mediapipe=False)
     comfy = Server(base, base / "comfyui.log", installed.comfyui, installed.python)
