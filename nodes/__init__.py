@@ -5,10 +5,13 @@ from .bank_nodes import AppearanceBankReference
 from .edit_nodes import AddBlinks, AddHeadMotion, FitLength, Frontalize, MouthGain, SmoothLandmarks, TransferPose
 from .l2v_nodes import FaceCrop, L2VSampler, LoadL2VModel, PasteBack
 from .landmark_nodes import ExtractLandmarks, LandmarksToPoseKeypoint, LoadLandmarker, RenderLandmarks
+from .media_nodes import LoadAudio, LoadVideo
 from .models import register_model_folders
 from .talking_head_node import TalkingHead
 
 _NODES = {
+    "LmdiffLoadVideo": (LoadVideo, "Load Video"),
+    "LmdiffLoadAudio": (LoadAudio, "Load Audio"),
     "LmdiffLoadLandmarker": (LoadLandmarker, "Load Landmarker"),
     "LmdiffExtractLandmarks": (ExtractLandmarks, "Extract Landmarks"),
     "LmdiffLoadA2LModel": (LoadA2LModel, "Load A2L Model"),

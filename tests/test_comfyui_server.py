@@ -1,18 +1,24 @@
-"""Opt-in: the pack inside a real ComfyUI server, driven through its HTTP API.
+"""Opt-in: the pack inside a real ComfyUI server, installed the way a user installs it, driven through its HTTP API.
 
-Runs when LMDIFF_COMFYUI_DIR points to a ComfyUI checkout and LMDIFF_COMFYUI_PYTHON to a Python that runs it, set
-up as the README says (this repository cloned into custom_nodes/lmdiff, `pip install -r requirements.txt`). The test
-links this pack into the checkout's custom_nodes (unless it is there already), starts `main.py --cpu --listen
-127.0.0.1` on a free port with temporary input, output and temp folders and the tiny test checkpoints as extra model
-paths (no MediaPipe model: the default landmarker must work without one), uploads the inputs, POSTs every API
-workflow as shipped (bundled checkpoints, its own step counts) to /prompt, polls /history, checks the saved outputs,
-sends bad inputs (with the tiny checkpoints), and stops the server by its PID. Workflows whose nodes the server lacks
-(VideoHelperSuite, comfyui_controlnet_aux) are skipped by name. The seconds each workflow took are printed.
+Runs when LMDIFF_COMFYUI_DIR points to a ComfyUI source checkout (it is copied, never changed). For each install route
+(LMDIFF_COMFYUI_ROUTES, default "readme,pip,manager"; see tests/comfy_install.py) the test makes a fresh ComfyUI with a
+new venv in a temporary folder and installs the pack: the README's steps literally (git clone into custom_nodes/lmdiff
++ `pip install -r requirements.txt`), pip, or ComfyUI-Manager's cm-cli (LMDIFF_COMFYUI_MANAGER: a ComfyUI-Manager
+checkout). LMDIFF_COMFYUI_PACKS lists (os.pathsep-separated) checkouts of the other packs the workflows need
+(VideoHelperSuite, comfyui_controlnet_aux); a workflow whose nodes the server lacks is skipped by name.
+
+Each server is `main.py --cpu --listen 127.0.0.1` on a free port with temporary input, output and temp folders and
+the tiny test checkpoints as extra model paths (no MediaPipe model: the default landmarker must work without one).
+On the README route every API workflow runs as shipped (bundled checkpoints, its own step counts) and the bad inputs
+are sent; on the other routes every workflow runs with the tiny checkpoints and 2 steps (the same nodes, quickly).
+The server is stopped by its PID. LMDIFF_COMFYUI_RESULTS names a JSON file for the routes, install steps and
+per-workflow seconds.
 """
 
 import json
 import math
 import os
+import platform
 import socket
 import subprocess
 import time
@@ -25,24 +31,28 @@ import numpy as np
 import pytest
 
 from .comfy_harness import INPUTS, PACK_ROOT, SPEECH_SECONDS, prepare_base
+from .comfy_install import HOW, ROUTES, WORKAROUND, fresh_install
 from .conftest import shared_path
 
-COMFYUI_DIR = os.environ.get("LMDIFF_COMFYUI_DIR")
-COMFYUI_PYTHON = os.environ.get("LMDIFF_COMFYUI_PYTHON")
+COMFYUI_SOURCE = os.environ.get("LMDIFF_COMFYUI_DIR")
+SELECTED_ROUTES = [r for r in os.environ.get("LMDIFF_COMFYUI_ROUTES", ",".join(ROUTES)).split(",") if r]
+OTHER_PACKS = [Path(p) for p in os.environ.get("LMDIFF_COMFYUI_PACKS", "").split(os.pathsep) if p]
+MANAGER = Path(os.environ["LMDIFF_COMFYUI_MANAGER"]) if os.environ.get("LMDIFF_COMFYUI_MANAGER") else None
+RESULTS_FILE = os.environ.get("LMDIFF_COMFYUI_RESULTS")
 WORKFLOWS = PACK_ROOT / "example_workflows" / "api"
 TINY = {"LmdiffLoadA2LModel": "tiny_a2l", "LmdiffLoadL2VModel": "tiny_l2v"}
 START_SECONDS, RUN_SECONDS = 240, 1500
+RESULTS: dict = {"machine_workaround": WORKAROUND, "routes": {}}
 
 pytestmark = pytest.mark.skipif(
-    not (COMFYUI_DIR and COMFYUI_PYTHON),
-    reason="opt-in: set LMDIFF_COMFYUI_DIR (a ComfyUI checkout) and LMDIFF_COMFYUI_PYTHON (its Python)",
+    not COMFYUI_SOURCE, reason="opt-in: set LMDIFF_COMFYUI_DIR (a ComfyUI source checkout, copied for each install)"
 )
 
 
 class Server:
     """A ComfyUI server process started by this test, and its HTTP API."""
 
-    def __init__(self, base: Path, log: Path):
+    def __init__(self, base: Path, log: Path, comfyui: Path, python: Path):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -56,14 +66,15 @@ class Server:
             "    vae_approx: vae_approx\n"
         )
         command = [
-            COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
             "--input-directory", str(base / "input"), "--output-directory", str(base / "output"),
             "--temp-directory", str(base / "temp"), "--extra-model-paths-config", str(paths),
             "--disable-auto-launch",
         ]  # fmt: skip
         (base / "temp").mkdir()
         with open(log, "wb") as out:
-            self.process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=out, stderr=subprocess.STDOUT)
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # only what the venv holds
+            self.process = subprocess.Popen(command, cwd=comfyui, stdout=out, stderr=subprocess.STDOUT, env=env)
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -135,16 +146,35 @@ class Server:
         pytest.fail(f"prompt {prompt_id} did not finish within {RUN_SECONDS} s:\n{self.log_tail()}")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfyui")
+def save_results() -> None:
+    """Write what the routes did so far to LMDIFF_COMFYUI_RESULTS (when set)."""
+    if not (RESULTS_FILE and RESULTS["routes"]):
+        return
+    source = Path(COMFYUI_SOURCE)
+    commit = subprocess.run(["git", "-C", source, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    version = (source / "comfyui_version.py").read_text().split("=")[-1].strip().strip('"')
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "")
+    RESULTS.update(machine=f"{platform.machine()} {model}".strip(), cpus=os.cpu_count(),
+                   torch_threads=os.environ.get("OMP_NUM_THREADS", "unset"),
+                   comfyui={"version": version, "commit": commit.strip() or None})  # fmt: skip
+    Path(RESULTS_FILE).write_text(json.dumps(RESULTS, indent=2) + "\n")
+
+
+@pytest.fixture(scope="module", params=SELECTED_ROUTES)
+def server(request, tmp_path_factory):
+    route = request.param
+    base = tmp_path_factory.mktemp(f"comfyui_{route}")
+    record = RESULTS["routes"].setdefault(route, {"how": HOW[route], "install": "failed (see the test's output)"})
+    save_results()
+    installed = fresh_install(route, Path(COMFYUI_SOURCE), base / "install", OTHER_PACKS, MANAGER)
+    record["install"] = "done"
+    record.update(pack_commit=installed.pack_commit, other_packs=installed.other_packs, notes=installed.notes,
+                  install_steps=installed.steps, workflows={})  # fmt: skip
+    record["install_seconds"] = round(sum(step["seconds"] for step in installed.steps), 1)
     prepare_base(base, shared_path, mediapipe=False)
-    custom_nodes = Path(COMFYUI_DIR) / "custom_nodes"
-    linked = None
-    if not any(entry.resolve() == PACK_ROOT for entry in custom_nodes.iterdir()):
-        linked = custom_nodes / f"lmdiff_under_test_{os.getpid()}"
-        linked.symlink_to(PACK_ROOT, target_is_directory=True)
-    comfy = Server(base, base / "comfyui.log")
+    comfy = Server(base, base / "comfyui.log", installed.comfyui, installed.python)
+    comfy.route = route
     try:
         comfy.wait_ready()
         for key in ("portrait", "speech", "video"):
@@ -152,8 +182,7 @@ def server(tmp_path_factory):
         yield comfy
     finally:
         comfy.stop()
-        if linked is not None:
-            linked.unlink()
+        save_results()
 
 
 def workflow(name: str, tiny: bool = True, **changes) -> dict:
@@ -197,15 +226,20 @@ def test_the_pack_loads_in_the_server(server):
 def test_api_workflow_runs_in_the_server(server, name):
     from lmdiff_core.media import read_video
 
-    graph = workflow(name, tiny=False)
+    as_shipped = server.route == "readme"
+    graph = workflow(name, tiny=not as_shipped)
     available = server.get("/object_info")
     missing = sorted({node["class_type"] for node in graph.values()} - available.keys())
+    record = RESULTS["routes"][server.route]["workflows"]
     if missing:
+        record[name] = {"status": f"skipped: the server lacks {missing}"}
         pytest.skip(f"this ComfyUI lacks the nodes {missing} (install their packs to run {name})")
     started = time.monotonic()
     entry = server.run(graph)
-    print(f"{name}: {entry.get('status', {}).get('status_str')} in {time.monotonic() - started:.1f} s")
-    assert entry.get("status", {}).get("status_str") == "success", (entry, server.log_tail())
+    status, seconds = entry.get("status", {}).get("status_str"), round(time.monotonic() - started, 1)
+    record[name] = {"status": status, "seconds": seconds, "checkpoints": "bundled" if as_shipped else "tiny, 2 steps"}
+    print(f"{server.route}: {name}: {status} in {seconds} s")
+    assert status == "success", (entry, server.log_tail())
     n = math.ceil(round(SPEECH_SECONDS * 25, 9))
     files = saved_files(server, entry)
     videos = [f for f in files if f.suffix == ".mp4"]
@@ -213,9 +247,13 @@ def test_api_workflow_runs_in_the_server(server, name):
     assert read_video(videos[0], fps=None).frames.shape[0] == n
     for keypoints in (f for f in server.base.joinpath("output").rglob("lmdiff*.json")):
         assert len(json.loads(keypoints.read_text())) == n
+    record[name]["checked"] = f"one mp4 of {n} frames"
+    save_results()
 
 
 def test_bad_inputs_fail_with_one_clear_message_and_the_next_prompt_runs(server, tmp_path):
+    if server.route != "readme":
+        pytest.skip("the bad inputs are sent on the README route")
     import soundfile
     from PIL import Image
 
@@ -239,3 +277,4 @@ def test_bad_inputs_fail_with_one_clear_message_and_the_next_prompt_runs(server,
     refused = server.run(workflow(name, LmdiffLoadA2LModel={"model": "../a2l/tiny_a2l"}))
     assert refused.get("refused") == 400 or "refused" in execution_error(refused)[1]  # not in the list, or ours
     assert server.run(workflow(name, LmdiffTalkingHead={"seed": 99}))["status"]["status_str"] == "success"
+    RESULTS["routes"][server.route]["bad_inputs"] = "passed: one-line LmdiffInputError each, the next prompt ran"

@@ -29,7 +29,7 @@ from .comfy_harness import (
     make_tiny_a2l,
     pack_module_name,
 )
-from .conftest import shared_path
+from .conftest import shared_path, truncated_mp4
 
 NODE_IDS = {
     "LmdiffLoadLandmarker",
@@ -51,6 +51,8 @@ NODE_IDS = {
     "LmdiffL2VSampler",
     "LmdiffTalkingHead",
     "LmdiffAppearanceBankReference",
+    "LmdiffLoadVideo",
+    "LmdiffLoadAudio",
 }
 HEAVY = ("torch", "diffusers", "transformers", "mediapipe", "librosa", "kornia", "scipy", "dlib", "insightface", "av")
 
@@ -741,3 +743,34 @@ def test_appearance_bank_reference_node_warps_the_best_match(comfy, media):
     # each frame's own lips are in the bank: its best match is itself (or a frame with the same lips and pose)
     retrieval = fast.retrieve_for(bank, media.video_landmarks, 1)
     assert (retrieval.best_cost < 1e-6).all()
+
+
+def test_media_nodes_refuse_partial_media_unless_allowed(comfy, media):
+    """A truncated faststart mp4 in the input folder: an error naming the file and the last frame that decoded,
+    unless allow_partial, which keeps exactly the frames PyAV decodes (and audio of their length)."""
+    folder = comfy.base / "input" / "partial"
+    folder.mkdir(exist_ok=True)
+    path, decodable = truncated_mp4(folder)
+    name = "lmdiff_truncated.mp4"
+    (comfy.base / "input" / name).unlink(missing_ok=True)
+    path.rename(comfy.base / "input" / name)
+    try:
+        assert name in comfy.pack.NODE_CLASS_MAPPINGS["LmdiffLoadVideo"].INPUT_TYPES()["required"]["video"][0]
+        with pytest.raises(ValueError, match=rf"{name} stops decoding after frame {decodable - 1} ") as error:
+            run(comfy, "LmdiffLoadVideo", video=name, fps=25.0, allow_partial=False)
+        assert type(error.value).__name__ == "LmdiffInputError" and "\n" not in str(error.value)
+        with pytest.raises(ValueError, match=rf"audio .*{name} stops decoding at"):
+            run(comfy, "LmdiffLoadAudio", audio=name, allow_partial=False)
+        frames, audio, fps = run(comfy, "LmdiffLoadVideo", video=name, fps=25.0, allow_partial=True)
+        assert frames.shape[0] == decodable and fps == 25.0
+        assert audio["waveform"].shape[-1] == decodable * 640 and audio["sample_rate"] == 16000
+        (partial,) = run(comfy, "LmdiffLoadAudio", audio=name, allow_partial=True)
+        assert 0 < partial["waveform"].shape[-1] < 3 * 16000
+    finally:
+        (comfy.base / "input" / name).unlink(missing_ok=True)
+    whole, speech, _ = run(comfy, "LmdiffLoadVideo", video=INPUTS["video"], fps=0.0, allow_partial=False)
+    clip = comfy.core("media").read_video(comfy.input_path("video"), fps=None)
+    assert torch.equal(whole, comfy.core("comfy_io").frames_to_image(clip.frames))
+    assert speech["waveform"].shape[-1] == len(clip.frames) * 640
+    with pytest.raises(ValueError, match="outside ComfyUI's input folder"):
+        run(comfy, "LmdiffLoadAudio", audio="../output/x.wav", allow_partial=False)
