@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import LmdiffInputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -139,12 +140,8 @@ def _write_preview(path: Path, frames, seq, canonical, fps: float, audio=None) -
     if path.suffix.lower() == ".png":
         from PIL import Image
 
-        partial = path.with_name(f".{path.name}.part")
-        try:
+        with atomic_write(path) as partial:
             Image.fromarray(next(frames)).save(partial, format="PNG")
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
     else:
         write_video(path, frames, fps, audio=audio)
 
@@ -153,13 +150,10 @@ def _save_with_preview(seq, out: Path, preview: Path | None, write_preview) -> N
     """Save landmarks `seq` at `out` and, with a `preview` path, call `write_preview()`. The landmarks are written
     first under a temporary name, so the preview is made only for landmarks that saved, and both appear together:
     a failed run leaves earlier files as they were."""
-    partial = seq.save(out.with_name(f".{out.stem}.part.npz"))
-    try:
+    with atomic_write(out, suffix=".npz") as partial:
+        seq.save(partial)
         if preview is not None:
             write_preview()
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def cmd_landmarks(args) -> None:
@@ -500,12 +494,10 @@ def cmd_download_model(args) -> None:
     folder = Path(args.dir).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / MEDIAPIPE_MODEL_NAME
-    partial = target.with_name(target.name + ".part")
     try:
-        urllib.request.urlretrieve(MEDIAPIPE_MODEL_URL, partial)
-        os.replace(partial, target)
+        with atomic_write(target) as partial:
+            urllib.request.urlretrieve(MEDIAPIPE_MODEL_URL, partial)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
         raise LmdiffInputError(f"could not download {MEDIAPIPE_MODEL_URL}: {exc}") from None
     print(f"{target}\nuse it with --model {target} or: export LMDIFF_MEDIAPIPE_MODEL={target}")
 

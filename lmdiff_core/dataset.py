@@ -37,7 +37,6 @@ import math
 import os
 import re
 import struct
-import tempfile
 import time
 import traceback
 import warnings
@@ -47,6 +46,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import LmdiffInputError
 
 FORMAT = "lmdiff-dataset"
@@ -138,43 +138,19 @@ REASONS = {
 # ======================================================================================================================
 # small file helpers
 # ======================================================================================================================
-def _tmp_path(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, data) -> None:
     """Write JSON atomically (temporary file + os.replace)."""
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=False)
-            f.write("\n")
-        _publish(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=False)
+        f.write("\n")
 
 
 def _save_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
     """`safetensors.numpy.save_file`, atomically."""
     from safetensors.numpy import save_file
 
-    tmp = _tmp_path(path)
-    try:
+    with atomic_write(path) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=metadata)
-        _publish(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 _ST_DTYPES = {np.dtype("uint8"): "U8", np.dtype("float32"): "F32", np.dtype("float64"): "F64"}
@@ -213,26 +189,20 @@ def _stream_safetensors(
     }
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for arr in small.values():
-                f.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
-            rows = 0
-            for chunk in chunks:
-                chunk = np.ascontiguousarray(chunk, dtype=big_dtype)
-                if chunk.shape[1:] != tuple(big_shape[1:]):
-                    raise ValueError(f"chunk of shape {chunk.shape} does not fit {big_name} {big_shape}")
-                f.write(chunk.tobytes())
-                rows += chunk.shape[0]
-            if rows != big_shape[0]:
-                raise ValueError(f"{big_name}: {rows} rows written, {big_shape[0]} expected")
-        _publish(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for arr in small.values():
+            f.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+        rows = 0
+        for chunk in chunks:
+            chunk = np.ascontiguousarray(chunk, dtype=big_dtype)
+            if chunk.shape[1:] != tuple(big_shape[1:]):
+                raise ValueError(f"chunk of shape {chunk.shape} does not fit {big_name} {big_shape}")
+            f.write(chunk.tobytes())
+            rows += chunk.shape[0]
+        if rows != big_shape[0]:
+            raise ValueError(f"{big_name}: {rows} rows written, {big_shape[0]} expected")
 
 
 # ======================================================================================================================

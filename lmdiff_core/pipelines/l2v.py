@@ -21,9 +21,6 @@ latents are blended linearly. Memory stays bounded: frames stream in and out one
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -31,6 +28,7 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
+from ..atomic import atomic_write
 from ..checkpoints import read_checkpoint_info
 from ..crop import CropTrack, compute_crop_track, crop_frames, face_masks, paste_back, transform_landmarks
 from ..errors import LmdiffInputError
@@ -145,8 +143,7 @@ class LandmarkToVideoPipeline(DiffusionPipeline):
         """Write the checkpoint folder; it appears complete or not at all (an existing one is replaced at the end)."""
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with atomic_write(folder, folder=True) as tmp:
             self.unet.save_pretrained(tmp / "unet")
             self.scheduler.save_pretrained(tmp / "scheduler")
             info = {
@@ -157,16 +154,6 @@ class LandmarkToVideoPipeline(DiffusionPipeline):
                 "autoencoder": self.unet.config.autoencoder,
             }
             (tmp / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2) + "\n")
-            if folder.exists():
-                old = folder.with_name(f".{folder.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(folder, old)
-                os.replace(tmp, folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return folder
 
     @classmethod
