@@ -114,7 +114,7 @@ def _extract(args, source: Path, fps: float | None = None):
     """Landmarks of an image or a video file (at `fps`, default --fps), smoothed for video unless --no-smooth."""
     from .detectors import detect_image, extract_landmarks
     from .media import frame_count, iter_frames, probe_video, read_image
-    from .smoothing import smooth_landmarks
+    from .smoothing import smooth_detections
 
     face = _face_selector(args.face)
     if source.suffix.lower() in IMAGE_SUFFIXES:
@@ -129,7 +129,7 @@ def _extract(args, source: Path, fps: float | None = None):
         seq = extract_landmarks(
             iter_frames(source, fps), landmarker, fps, face, _max_gap(args), str(source), lambda n: bar.update(1)
         )
-    return (seq if args.no_smooth else smooth_landmarks(seq)), info
+    return (seq if args.no_smooth else smooth_detections(seq)), info
 
 
 def _write_preview(path: Path, frames, seq, canonical, fps: float, audio=None) -> None:
@@ -246,14 +246,14 @@ def _landmark_demo(args, out: Path) -> None:
     from .canonical import canonicalize, head_pose
     from .demo import DEMO_FPS, demo_frames, demo_motion, demo_speech
     from .detectors import extract_landmarks
-    from .smoothing import smooth_landmarks
+    from .smoothing import smooth_detections
 
     n_frames = int(round(args.seconds * DEMO_FPS))
     started = time.perf_counter()
     with _open_landmarker(args, video=True) as landmarker, _progress(n_frames, "landmarks") as bar:
         frames = list(demo_frames(n_frames))  # a few seconds: small enough to keep for the preview pass
         seq = extract_landmarks(frames, landmarker, DEMO_FPS, progress=lambda n: bar.update(1), source="demo clip")
-    seq = smooth_landmarks(seq)
+    seq = smooth_detections(seq)
     canonical = canonicalize(seq)
     _write_preview(out, frames, seq, canonical, DEMO_FPS, demo_speech(n_frames / DEMO_FPS))
     npz = out.with_suffix(".npz")
@@ -271,7 +271,7 @@ def _landmark_demo(args, out: Path) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from .dataset import prepare_dataset
+    from .data.prepare import prepare_dataset
 
     output = _output_folder(args.output, "dataset folder")
     with _open_landmarker(args, video=True):  # a bad --detector or --model fails here, not once per clip

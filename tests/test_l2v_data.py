@@ -1,4 +1,4 @@
-"""Tests for lmdiff_core.l2v_data on a small dataset prepared here from a real clip with real MediaPipe landmarks.
+"""Tests for lmdiff_core.conditioning and data.l2v_dataset on a small dataset prepared here from a real clip with real MediaPipe landmarks.
 
 Expected values come from independent computations: the frame -> crop matrices applied by hand to the stored pose
 and points, a separate MediaPipe detection (IMAGE mode) on the stored crops, point-to-segment distances computed
@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from lmdiff_core import dataset as ds
-from lmdiff_core import l2v_data as l2v
+from lmdiff_core.data import prepare, store
+from lmdiff_core.data.l2v_dataset import L2VFrameDataset
+from lmdiff_core import conditioning as l2v
 from lmdiff_core.canonical import apply_transform
 from lmdiff_core.crop import CropTrack, face_masks, transform_landmarks
 from lmdiff_core.errors import LmdiffInputError
@@ -46,12 +47,12 @@ def prepared(tmp_path_factory, mediapipe_model):
     n = frame_count(SECONDS, FPS)
     write_video(src, np.stack(list(iter_frames(mp4, FPS, max_frames=n))), FPS, audio=read_audio(mp4)[: n * 640])
     out = root / "out"
-    report = ds.prepare_dataset(
+    report = prepare.prepare_dataset(
         [src], out, lambda: load_landmarker("mediapipe", mediapipe_model), crop_size=CROP, min_seconds=1.0
     )
     assert report.done == [CLIP], report.summary()
-    crops, matrices = ds.load_crops(out, CLIP)
-    seq = ds.clip_sequence(out, CLIP)
+    crops, matrices = store.load_crops(out, CLIP)
+    seq = store.clip_sequence(out, CLIP)
     return {"out": out, "n": n, "crops": crops, "matrices": matrices, "seq": seq, "root": root}
 
 
@@ -285,7 +286,7 @@ def test_mouth_weight_mask(crop_seq):
 # ======================================================================================================================
 def test_dataset_items(prepared, crop_seq):
     out, n = prepared["out"], prepared["n"]
-    data = l2v.L2VFrameDataset(out, split="all", window=3, identity_gap=8, seed=1)
+    data = L2VFrameDataset(out, split="all", window=3, identity_gap=8, seed=1)
     assert len(data) == n - 2 and data.items[:2] == [(CLIP, 0), (CLIP, 1)]  # stride 1 = max(1, 3 // 2)
     for i in (0, 17, len(data) - 1):
         item = data[i]
@@ -310,7 +311,7 @@ def test_dataset_items(prepared, crop_seq):
     assert batch["clip"] == [CLIP, CLIP] and batch["start"].tolist() == [0, 1]
 
     # window 1 (the default) at a smaller training size: resized crops, landmarks scaled with them
-    small = l2v.L2VFrameDataset(out, split="all", identity_gap=8, size=48)
+    small = L2VFrameDataset(out, split="all", identity_gap=8, size=48)
     assert len(small) == n
     item = small[5]
     assert item["target"].shape == (1, 3, 48, 48) and item["identity"].shape == (3, 48, 48)
@@ -324,8 +325,8 @@ def test_dataset_items(prepared, crop_seq):
 def test_dataset_identity_frames_are_seeded_per_epoch(prepared):
     out, n = prepared["out"], prepared["n"]
     gap = 10
-    a = l2v.L2VFrameDataset(out, split="all", identity_gap=gap, seed=3)
-    b = l2v.L2VFrameDataset(out, split="all", identity_gap=gap, seed=3)
+    a = L2VFrameDataset(out, split="all", identity_gap=gap, seed=3)
+    b = L2VFrameDataset(out, split="all", identity_gap=gap, seed=3)
     first = [a.identity_frame(i) for i in range(len(a))]
     assert first == [b.identity_frame(i) for i in range(len(b))]
     for i, f in enumerate(first):
@@ -338,7 +339,7 @@ def test_dataset_identity_frames_are_seeded_per_epoch(prepared):
     assert all(abs(f - a.items[i][1]) >= gap for i, f in enumerate(second))
     a.set_epoch(0)
     assert [a.identity_frame(i) for i in range(len(a))] == first
-    other = l2v.L2VFrameDataset(out, split="all", identity_gap=gap, seed=4)
+    other = L2VFrameDataset(out, split="all", identity_gap=gap, seed=4)
     assert [other.identity_frame(i) for i in range(len(other))] != first
     assert a[7]["identity_frame"] == first[7]
 
@@ -346,8 +347,8 @@ def test_dataset_identity_frames_are_seeded_per_epoch(prepared):
 def test_dataset_frame_ranges(prepared):
     out, n = prepared["out"], prepared["n"]
     cut = int(round(0.7 * n))
-    train = l2v.L2VFrameDataset(out, split="all", clips=[CLIP], frames=(0.0, 0.7), window=2, identity_gap=4)
-    test = l2v.L2VFrameDataset(out, split="all", clips=[CLIP], frames=(0.7, 1.0), window=2, identity_gap=4)
+    train = L2VFrameDataset(out, split="all", clips=[CLIP], frames=(0.0, 0.7), window=2, identity_gap=4)
+    test = L2VFrameDataset(out, split="all", clips=[CLIP], frames=(0.7, 1.0), window=2, identity_gap=4)
     assert train.ranges == [(0, cut)] and test.ranges == [(cut, n)]
     for data, lo, hi in ((train, 0, cut), (test, cut, n)):
         starts = [s for _, s in data.items]
@@ -357,7 +358,7 @@ def test_dataset_frame_ranges(prepared):
             for i, s in enumerate(starts):
                 f = data.identity_frame(i)
                 assert lo <= f < hi and min(abs(f - s), abs(f - s - 1)) >= 4
-    ints = l2v.L2VFrameDataset(out, split="all", frames=(10, 30), window=4, identity_gap=5, stride=4)
+    ints = L2VFrameDataset(out, split="all", frames=(10, 30), window=4, identity_gap=5, stride=4)
     assert ints.ranges == [(10, 30)] and [s for _, s in ints.items] == [10, 14, 18, 22, 26]
     assert all(10 <= ints.identity_frame(i) < 30 for i in range(len(ints)))
     item = ints[1]
@@ -365,11 +366,11 @@ def test_dataset_frame_ranges(prepared):
         item["target"], torch.from_numpy(prepared["crops"][14:18]).float() / 255.0
     )
     # a stop past the end is the clip's end
-    assert l2v.L2VFrameDataset(out, split="all", frames=(40, 1000), identity_gap=2).ranges == [(40, n)]
+    assert L2VFrameDataset(out, split="all", frames=(40, 1000), identity_gap=2).ranges == [(40, n)]
     # a short range leaves out the windows that have no identity frame far enough
-    tight = l2v.L2VFrameDataset(out, split="all", frames=(0, 12), identity_gap=6)
+    tight = L2VFrameDataset(out, split="all", frames=(0, 12), identity_gap=6)
     assert [s for _, s in tight.items] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
-    tighter = l2v.L2VFrameDataset(out, split="all", frames=(0, 10), identity_gap=6)
+    tighter = L2VFrameDataset(out, split="all", frames=(0, 10), identity_gap=6)
     assert [s for _, s in tighter.items] == [0, 1, 2, 3, 6, 7, 8, 9]
 
 
@@ -389,27 +390,27 @@ def test_bad_inputs(prepared, crop_seq, tmp_path):
     out, n = prepared["out"], prepared["n"]
     no_crops = _without_crops(prepared, tmp_path / "no_crops")
     with pytest.raises(LmdiffInputError, match="without crops"):
-        l2v.L2VFrameDataset(no_crops, split="all")
+        L2VFrameDataset(no_crops, split="all")
     with pytest.raises(LmdiffInputError, match="has no clip 'nobody'.*edtalk_woman_en"):
-        l2v.L2VFrameDataset(out, split="all", clips=["nobody"])
-    split = ds.load_index(out)["clips"][0]["split"]
+        L2VFrameDataset(out, split="all", clips=["nobody"])
+    split = store.load_index(out)["clips"][0]["split"]
     other = "val" if split == "train" else "train"
     with pytest.raises(LmdiffInputError, match=f"is in split '{split}', not '{other}'"):
-        l2v.L2VFrameDataset(out, split=other, clips=[CLIP])
+        L2VFrameDataset(out, split=other, clips=[CLIP])
     with pytest.raises(LmdiffInputError, match="shorter than the window of 8"):
-        l2v.L2VFrameDataset(out, split="all", clips=[CLIP], frames=(0, 5), window=8)
+        L2VFrameDataset(out, split="all", clips=[CLIP], frames=(0, 5), window=8)
     with pytest.warns(UserWarning, match="left out"), pytest.raises(LmdiffInputError, match="no window of 60"):
-        l2v.L2VFrameDataset(out, split="all", window=n + 12)
+        L2VFrameDataset(out, split="all", window=n + 12)
     with pytest.raises(LmdiffInputError, match="identity_gap"):
-        l2v.L2VFrameDataset(out, split="all", clips=[CLIP], identity_gap=n)
+        L2VFrameDataset(out, split="all", clips=[CLIP], identity_gap=n)
     for frames in ((5, 2), (0.5, 1.5), (-1, 4), (n, n + 5), "all"):
         with pytest.raises(LmdiffInputError, match="frames"):
-            l2v.L2VFrameDataset(out, split="all", frames=frames)
+            L2VFrameDataset(out, split="all", frames=frames)
     for kwargs in ({"window": 0}, {"identity_gap": -1}, {"size": 4}, {"split": "test"}, {"stride": 0}):
         with pytest.raises(LmdiffInputError):
-            l2v.L2VFrameDataset(out, **kwargs)
+            L2VFrameDataset(out, **kwargs)
     with pytest.raises(LmdiffInputError, match="does not exist"):
-        l2v.L2VFrameDataset(tmp_path / "nowhere")
+        L2VFrameDataset(tmp_path / "nowhere")
     with pytest.raises(LmdiffInputError, match="crops must be"):
         l2v.pose_reference(torch.zeros(2, 3, 8, 9), crop_seq[:2])
     with pytest.raises(LmdiffInputError, match="2 crops for 3 landmark frames"):

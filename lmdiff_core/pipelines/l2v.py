@@ -32,7 +32,7 @@ from ..atomic import atomic_write
 from ..checkpoints import read_checkpoint_info
 from ..crop import CropTrack, compute_crop_track, crop_frames, face_masks, paste_back, transform_landmarks
 from ..errors import LmdiffInputError
-from ..l2v_data import pose_reference, render_condition
+from ..conditioning import pose_reference, render_condition
 from ..landmarks import LandmarkSequence
 from ..models import L2VUNet
 from .schedulers import SAMPLERS, make_scheduler

@@ -34,7 +34,7 @@ from ..appearance_bank import AppearanceBank
 from ..landmarks import LandmarkSequence
 from ..media import frame_count, iter_frames, probe_video
 from ..motion import add_blinks, apply_head_motion, blink_curve, generate_head_motion
-from ..smoothing import smooth_landmarks
+from ..smoothing import smooth_detections
 from .a2l import AudioToLandmarksPipeline
 from .fast import render_fast
 from .l2v import LandmarkToVideoPipeline
@@ -94,7 +94,7 @@ def _video_landmarks(
     """Landmarks of `face` in a video from `_open_video` (`max_gap` as in `extract_landmarks`), smoothed if `smooth`."""
     frames = iter_frames(video, fps) if isinstance(video, Path) else video
     source = extract_landmarks(frames, landmarker, fps, face, max_gap, source=name)
-    return smooth_landmarks(source) if smooth else source
+    return smooth_detections(source) if smooth else source
 
 
 class TalkingHeadPipeline(DiffusionPipeline):
@@ -239,7 +239,7 @@ class TalkingHeadPipeline(DiffusionPipeline):
         if bank_frames is not None:
             extra = _frames_at(bank_frames, fps, fps)
             with stage(timer, "landmarks"):
-                extra_lm = smooth_landmarks(
+                extra_lm = smooth_detections(
                     extract_landmarks(extra, landmarker, fps, max_gap=None, source="the bank frames")
                 )
             with stage(timer, "bank"):
