@@ -6,7 +6,7 @@ from ..lmdiff_core.errors import LmdiffInputError
 from .edit_nodes import SEED
 from .landmark_nodes import LANDMARKER, LANDMARKS
 from .models import A2L, checkpoint_names, checkpoint_path
-from .runtime import DEVICES, PRECISIONS, LoadedPipeline, Progress, torch_device, torch_dtype
+from .runtime import DEVICES, PRECISIONS, LoadedPipeline, Progress, check_interrupted, torch_device, torch_dtype
 
 A2L_MODEL = "LMDIFF_A2L_MODEL"
 
@@ -102,6 +102,7 @@ class AudioToLandmarks:
                 guidance_scale=guidance,
                 seed=seed,
                 progress=Progress(n),
+                on_step=check_interrupted,
             )
         if talking.fps != fps:
             talking = talking.resample(fps, n_frames=n)

@@ -18,8 +18,10 @@ import torch
 from lmdiff_core.data import prepare, store
 from lmdiff_core.data.l2v_dataset import L2VFrameDataset
 from lmdiff_core import conditioning as l2v
+from lmdiff_core import masks
 from lmdiff_core.canonical import apply_transform
-from lmdiff_core.crop import CropTrack, face_masks, transform_landmarks
+from lmdiff_core.crop import CropTrack, transform_landmarks
+from lmdiff_core.masks import face_masks
 from lmdiff_core.errors import LmdiffInputError
 from lmdiff_core.media import frame_count, iter_frames, read_audio, write_video
 from lmdiff_core.render import PART_COLORS
@@ -150,7 +152,7 @@ def test_crop_landmarks_match_the_matrices_and_the_faces_in_the_crops(prepared, 
 def test_pose_mask_hides_every_mouth_of_the_clip_and_keeps_the_eyes(prepared, crop_seq):
     crops = torch.from_numpy(prepared["crops"]).float() / 255.0
     masked, mask = l2v.pose_reference(crops, crop_seq)
-    hard = l2v.pose_mask(crop_seq, CROP)
+    hard = masks.pose_mask(crop_seq, CROP)
     assert masked.shape == crops.shape and mask.shape == (len(crops), 1, CROP, CROP)
     assert masked.dtype == torch.float32 and mask.dtype == torch.float32
     assert float(mask.min()) >= 0 and float(mask.max()) <= 1
@@ -179,7 +181,7 @@ def test_pose_mask_hides_every_mouth_of_the_clip_and_keeps_the_eyes(prepared, cr
 
 def test_pose_mask_does_not_follow_the_jaw(prepared, crop_seq):
     """Opening the jaw of a closed-mouth frame (everything under the lip line moved down by 0.3 eye distances)
-    must leave the mask's outline as it was, while crop.face_masks' lower_face (the target's own outline) moves."""
+    must leave the mask's outline as it was, while masks.face_masks' lower_face (the target's own outline) moves."""
     t = int(np.argmin(crop_seq.mouth_opening()))
     one = crop_seq[t]
     xy = one.points[0, :, :2].astype(np.float64)
@@ -194,7 +196,7 @@ def test_pose_mask_does_not_follow_the_jaw(prepared, crop_seq):
     moved[0, below, :2] += 0.3 * np.linalg.norm(eye) * down
     opened = one.replace(points=moved)
     assert opened.mouth_opening()[0] > one.mouth_opening()[0] + 0.2
-    before, after = l2v.pose_mask(one, CROP), l2v.pose_mask(opened, CROP)
+    before, after = masks.pose_mask(one, CROP), masks.pose_mask(opened, CROP)
     assert np.all(_at(after[0, 0], moved[0, LIPS, :2]) == 1)  # the opened mouth is hidden too
     iou = float((before * after).sum() / ((before + after) > 0).sum())
     assert iou > 0.995
@@ -203,7 +205,7 @@ def test_pose_mask_does_not_follow_the_jaw(prepared, crop_seq):
 
 
 def test_pose_mask_at_another_resolution_ibug68_and_invalid_frames(crop_seq):
-    small = l2v.pose_mask(crop_seq[:4], 48)
+    small = masks.pose_mask(crop_seq[:4], 48)
     assert small.shape == (4, 1, 48, 48)
     xy = crop_seq.points[:4, :, :2] * 48 / CROP  # the 96 px landmarks serve a 48 px mask
     for t in range(4):
@@ -211,13 +213,13 @@ def test_pose_mask_at_another_resolution_ibug68_and_invalid_frames(crop_seq):
     ibug = crop_seq[:4].to_topology("ibug68")  # the other topology: same region
     ib = get_topology("ibug68")
     lips68 = np.concatenate([ib.part_indices("outer_lips"), ib.part_indices("inner_lips")])
-    m68, m478 = l2v.pose_mask(ibug, CROP), l2v.pose_mask(crop_seq[:4], CROP)
+    m68, m478 = masks.pose_mask(ibug, CROP), masks.pose_mask(crop_seq[:4], CROP)
     for t in range(4):
         assert np.all(_at(m68[t, 0], ibug.points[t, lips68, :2]) == 1)
-        assert np.all(_at(l2v.mouth_weight_mask(ibug[t], CROP)[0, 0], ibug.points[t, lips68, :2]) == 1)
+        assert np.all(_at(masks.mouth_weight_mask(ibug[t], CROP)[0, 0], ibug.points[t, lips68, :2]) == 1)
     assert float((m68 * m478).sum() / ((m68 + m478) > 0).sum()) > 0.85
     invalid = crop_seq[:2].replace(valid=np.array([True, False]))
-    m = l2v.pose_mask(invalid, CROP)
+    m = masks.pose_mask(invalid, CROP)
     assert m[0].sum() > 0 and m[1].sum() == 0
 
 
@@ -270,9 +272,9 @@ def test_render_condition_draws_each_part_on_its_landmarks(crop_seq, topology):
 
 
 def test_mouth_weight_mask(crop_seq):
-    m = l2v.mouth_weight_mask(crop_seq, CROP)
+    m = masks.mouth_weight_mask(crop_seq, CROP)
     assert m.shape == (len(crop_seq), 1, CROP, CROP) and set(torch.unique(m).tolist()) <= {0.0, 1.0}
-    hard = l2v.pose_mask(crop_seq, CROP)
+    hard = masks.pose_mask(crop_seq, CROP)
     for t in range(0, len(crop_seq), 7):
         xy = crop_seq.points[t, :, :2]
         assert np.all(_at(m[t, 0], xy[LIPS]) == 1) and np.all(_at(m[t, 0], xy[EYES]) == 0)
@@ -301,7 +303,7 @@ def test_dataset_items(prepared, crop_seq):
         assert torch.equal(item["condition"], l2v.render_condition(window_seq, CROP))
         masked, mask = l2v.pose_reference(want, window_seq)
         assert torch.equal(item["pose_reference"], masked) and torch.equal(item["pose_mask"], mask)
-        assert torch.equal(item["mouth_mask"], l2v.mouth_weight_mask(window_seq, CROP))
+        assert torch.equal(item["mouth_mask"], masks.mouth_weight_mask(window_seq, CROP))
         ident = item["identity_frame"]
         assert min(abs(ident - f) for f in range(start, start + 3)) >= 8
         assert torch.equal(item["identity"], torch.from_numpy(prepared["crops"][ident]).float() / 255.0)
@@ -318,7 +320,7 @@ def test_dataset_items(prepared, crop_seq):
     full = torch.from_numpy(prepared["crops"][5:6]).float() / 255.0
     want = torch.nn.functional.interpolate(full, size=(48, 48), mode="bilinear", antialias=True)
     assert torch.allclose(item["target"], want, atol=1e-6)
-    assert torch.equal(item["mouth_mask"], l2v.mouth_weight_mask(crop_seq[5], 48))
+    assert torch.equal(item["mouth_mask"], masks.mouth_weight_mask(crop_seq[5], 48))
     assert np.all(_at(item["pose_mask"][0, 0], crop_seq.points[5, LIPS, :2] * 0.5) == 1)
 
 
@@ -418,4 +420,4 @@ def test_bad_inputs(prepared, crop_seq, tmp_path):
     with pytest.raises(LmdiffInputError, match="matrices"):
         l2v.crop_landmarks(prepared["seq"], prepared["matrices"][:3], CROP)
     with pytest.raises(LmdiffInputError, match="crop-space"):
-        l2v.mouth_weight_mask(prepared["seq"], CROP)
+        masks.mouth_weight_mask(prepared["seq"], CROP)

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..conditioning import _check_size, crop_landmarks, mouth_weight_mask, pose_reference, render_condition
+from ..conditioning import crop_landmarks, pose_reference, render_condition
 from ..errors import LmdiffInputError
 from ..landmarks import LandmarkSequence
+from ..masks import check_crop_size, mouth_weight_mask
 from ..topology import get_topology
 from .store import load_index, open_safetensors, read_clip_sequence, split_entries, window_starts
 
@@ -108,7 +109,7 @@ class L2VFrameDataset(_TorchDataset):
                 f"dataset {self.dataset_dir} was prepared without crops (crop_size 0); L2V training needs face "
                 "crops: prepare it again with a crop size (lmdiff prepare --crop-size 256)"
             )
-        self.size = self.crop_size if size is None else _check_size(size, "size")
+        self.size = self.crop_size if size is None else check_crop_size(size, "size")
         self.thickness = thickness
         self.topology = self.index.get("topology")
         self.condition_topology = self.topology if topology is None else get_topology(topology).name

@@ -26,7 +26,8 @@ from ..landmarks import LandmarkSequence
 from ..media import frame_count
 from ..models import A2LLSTM, A2LDiffusion
 from ..motion import MotionStats
-from .schedulers import make_scheduler
+from .sampling import denoise, with_cfg
+from .schedulers import load_scheduler, make_scheduler
 
 CHECKPOINT_INFO = "lmdiff_a2l.json"
 SILENCE_BELOW_LOUD_DB = 40.0  # frames this far below the clip's loud frames are silent
@@ -119,11 +120,7 @@ class AudioToLandmarksPipeline:
             model = classes[info["model_class"]].from_pretrained(folder, torch_dtype=dtype).to(device)
         except (ValueError, OSError) as exc:
             raise LmdiffInputError(f"{folder}: cannot load the A2L model: {exc}") from None
-        scheduler = None
-        if (folder / "scheduler").is_dir():
-            from diffusers import DDIMScheduler
-
-            scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+        scheduler = load_scheduler(folder / "scheduler", model) if (folder / "scheduler").is_dir() else None
         return cls(
             model,
             load_feature_extractor(info["audio_features"]),
@@ -154,6 +151,7 @@ class AudioToLandmarksPipeline:
         window: int | None = None,
         overlap: int | None = None,
         progress: Callable[[int, int], None] | None = None,
+        on_step: Callable[[], None] | None = None,
     ) -> LandmarkSequence:
         """Canonical landmarks for `audio` (array at 16 kHz, ComfyUI AUDIO dict or path), one per 1/fps.
 
@@ -179,6 +177,7 @@ class AudioToLandmarksPipeline:
             window=window,
             overlap=overlap,
             progress=progress,
+            on_step=on_step,
         )
 
     @torch.no_grad()
@@ -193,8 +192,12 @@ class AudioToLandmarksPipeline:
         window: int | None = None,
         overlap: int | None = None,
         progress: Callable[[int, int], None] | None = None,
+        on_step: Callable[[], None] | None = None,
     ) -> LandmarkSequence:
-        """Landmarks from precomputed audio features [T, k, L, D]; `silence` [T] pulls frames to the reference."""
+        """Landmarks from precomputed audio features [T, k, L, D]; `silence` [T] pulls frames to the reference.
+
+        `progress(done, total)` after each window; `on_step()` after each denoising step of the diffusion model (a
+        Cancel raises there)."""
         n = len(features)
         ref = self.reference_points(reference)
         param = next(self.model.parameters())
@@ -213,7 +216,9 @@ class AudioToLandmarksPipeline:
             if self.is_diffusion:
                 prev_start = max(0, start - self.model.config.prev_frames)
                 prev = None if start == 0 else torch.from_numpy(out[prev_start:start])
-                block = self._denoise(audio_t, ref_t, prev, num_inference_steps, guidance_scale, generator, param)
+                block = self._denoise(
+                    audio_t, ref_t, prev, num_inference_steps, guidance_scale, generator, param, on_step
+                )
             else:
                 block = self.model(audio_t, ref_t)[0].float().cpu().numpy()
             fade = min(done - start, len(block))
@@ -240,28 +245,21 @@ class AudioToLandmarksPipeline:
             image_size=image_size,
         )
 
-    def _denoise(self, audio, reference, prev, steps, guidance_scale, generator, param) -> np.ndarray:
-        model, scheduler = self.model, self.scheduler
+    def _denoise(self, audio, reference, prev, steps, guidance_scale, generator, param, on_step=None) -> np.ndarray:
+        """One window of landmarks [W, N, 3] (model units) by `sampling.denoise`, guided on the audio."""
+        model = self.model
         shape = (1, audio.shape[1], reference.shape[1], 3)
-        sample = torch.randn(shape, generator=generator).to(param)
+        noise = torch.randn(shape, generator=generator).to(param)
         prev = None if prev is None else prev.to(param)[None]
-        guided = guidance_scale != 1.0
-        scheduler.set_timesteps(steps)
-        sample = sample * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            model_in = scheduler.scale_model_input(sample, t)
-            if guided:
-                output = model(
-                    model_in.repeat(2, 1, 1, 1),
-                    t,
-                    audio.repeat(2, 1, 1, 1, 1),
-                    reference.repeat(2, 1, 1),
-                    None if prev is None else prev.repeat(2, 1, 1, 1),
-                    audio_mask=torch.tensor([True, False]),
-                )
-                cond, uncond = output.chunk(2)
-                output = uncond + guidance_scale * (cond - uncond)
-            else:
-                output = model(model_in, t, audio, reference, prev)
-            sample = scheduler.step(output, t, sample, generator=generator).prev_sample
+
+        def conditional(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return model(x, t, audio, reference, prev)
+
+        denoiser = conditional
+        if guidance_scale != 1.0:
+            audio2, reference2 = audio.repeat(2, 1, 1, 1, 1), reference.repeat(2, 1, 1)
+            prev2 = None if prev is None else prev.repeat(2, 1, 1, 1)
+            audio_mask = torch.tensor([True, False])  # the second half is unconditional (no audio)
+            denoiser = with_cfg(lambda x2, t: model(x2, t, audio2, reference2, prev2, audio_mask=audio_mask), guidance_scale)
+        sample = denoise(denoiser, self.scheduler, noise, steps, generator, on_step=on_step)
         return model.sample_to_landmarks(sample, reference)[0].float().cpu().numpy()

@@ -136,7 +136,7 @@ class TalkingHeadPipeline(DiffusionPipeline):
         another rate resamples the A2L landmarks in time); n = `n_frames`, by default ceil(audio duration x fps).
         `face` picks the person ("largest" or an index from the left, see `detectors.select_face`); for a video,
         gaps of up to `max_gap` frames without that face are filled and `smooth` smooths its landmarks in time.
-        `progress(stage, done, total)`; `on_step()` after each L2V denoising step.
+        `progress(stage, done, total)`; `on_step()` after each denoising step (A2L diffusion and L2V).
 
         `mode` "quality" (L2V) or "fast" (appearance bank, see the module docstring). Fast mode only:
         `bank_frames` uint8 [T, H, W, 3], more frames of the same person for the bank; `bank_from_video=False`
@@ -158,7 +158,7 @@ class TalkingHeadPipeline(DiffusionPipeline):
         if mode == "fast":
             frames = self._generate_fast(
                 audio, landmarker, image, video, video_fps, a2l_guidance_scale, seed, n, report,
-                bank_frames, bank_from_video, crop_size, bank_k, face=face, smooth=smooth, fps=fps,
+                bank_frames, bank_from_video, crop_size, bank_k, face=face, smooth=smooth, fps=fps, on_step=on_step,
             )
             return frames, n
         if video is not None:
@@ -166,7 +166,7 @@ class TalkingHeadPipeline(DiffusionPipeline):
             with stage(timer, "landmarks"):
                 source = _video_landmarks(video, landmarker, fps, name, max_gap, face=face, smooth=smooth)
             length = len(source)  # fewer than probed only for partial media (`media.allow_partial_media`)
-            talking = self._dub_talking(audio, source, n, a2l_guidance_scale, seed, report, fps)
+            talking = self._dub_talking(audio, source, n, a2l_guidance_scale, seed, report, fps, on_step)
             opening = source.mouth_opening()
             valid = np.flatnonzero(source.valid)
             index = np.arange(n) % length
@@ -188,6 +188,7 @@ class TalkingHeadPipeline(DiffusionPipeline):
                     guidance_scale=a2l_guidance_scale,
                     seed=seed,
                     progress=report("a2l"),
+                    on_step=on_step,
                 )
             talking = talking if n_a2l == n and fps == talking.fps else talking.resample(fps, n)
             source_n = reference[np.zeros(n, dtype=int)]
@@ -214,7 +215,7 @@ class TalkingHeadPipeline(DiffusionPipeline):
         return out, n
 
     def _dub_talking(
-        self, audio, source: LandmarkSequence, n: int, guidance_scale, seed, report, fps: float
+        self, audio, source: LandmarkSequence, n: int, guidance_scale, seed, report, fps: float, on_step=None
     ) -> LandmarkSequence:
         """A2L's canonical lips and jaw for `audio` as n frames at `fps`, personalised by the most closed-mouth
         frame of `source` (the A2L runs at its own rate; another `fps` resamples its landmarks in time)."""
@@ -224,13 +225,19 @@ class TalkingHeadPipeline(DiffusionPipeline):
         n_a2l = n if fps == self.a2l.fps else frame_count(n / fps, self.a2l.fps)
         with stage(self.l2v.timer, "a2l"):
             talking = self.a2l(
-                audio, reference, n_frames=n_a2l, guidance_scale=guidance_scale, seed=seed, progress=report("a2l")
+                audio,
+                reference,
+                n_frames=n_a2l,
+                guidance_scale=guidance_scale,
+                seed=seed,
+                progress=report("a2l"),
+                on_step=on_step,
             )
         return talking if n_a2l == n and fps == talking.fps else talking.resample(fps, n)
 
     def _generate_fast(
         self, audio, landmarker, image, video, video_fps, a2l_guidance_scale, seed, n, report,
-        bank_frames, bank_from_video, crop_size, bank_k, face="largest", smooth=True, fps=None,
+        bank_frames, bank_from_video, crop_size, bank_k, face="largest", smooth=True, fps=None, on_step=None,
     ) -> Iterator[np.ndarray]:
         """The n output frames of `generate` in fast mode (arguments as there; `report(stage)` -> a progress)."""
         timer = self.l2v.timer
@@ -267,7 +274,7 @@ class TalkingHeadPipeline(DiffusionPipeline):
         if not banks:
             raise LmdiffInputError("fast mode needs an appearance bank: give bank_frames or leave bank_from_video on")
         bank = AppearanceBank.concatenate(banks)
-        talking = self._dub_talking(audio, source, n, a2l_guidance_scale, seed, report, fps)
+        talking = self._dub_talking(audio, source, n, a2l_guidance_scale, seed, report, fps, on_step)
         target = dub_landmarks(source_n, talking)
         source_n = source_n.to_topology(target.topology)
         return render_fast(frames, source_n, target, bank, k=bank_k, timer=timer, progress=report("fast"))
