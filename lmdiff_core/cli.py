@@ -309,14 +309,14 @@ def cmd_prepare(args) -> None:
 
 def _reference_landmarks(args, path: Path):
     """One frame of reference landmarks from a .npz (the most closed-mouth valid frame) or a portrait image."""
+    from .editing import rest_frame
     from .landmarks import LandmarkSequence
 
     if path.suffix.lower() == ".npz":
         seq = LandmarkSequence.load(path)
-        candidates = np.flatnonzero(seq.valid)
-        if candidates.size == 0:
+        if not seq.valid.any():
             raise LmdiffInputError(f"reference landmarks {path} have no valid frame")
-        return seq[int(candidates[np.argmin(seq.mouth_opening()[candidates])])], None
+        return seq[rest_frame(seq)], None
     from .detectors import detect_image
     from .media import read_image
 
@@ -328,7 +328,8 @@ def _reference_landmarks(args, path: Path):
 def cmd_a2l(args) -> None:
     from .canonical import canonicalize, uncanonicalize
     from .media import read_audio
-    from .motion import add_blinks, apply_head_motion, blink_curve, generate_head_motion
+    from .editing import pose_from
+    from .motion import natural_motion
     from .pipelines.a2l import AudioToLandmarksPipeline
 
     out = _output(args.output, (".npz",), "landmark file")
@@ -363,12 +364,8 @@ def cmd_a2l(args) -> None:
         )
     n = len(talking)
     if args.pose_from:
-        driving_seq, _ = _extract(args, Path(args.pose_from), fps=talking.fps)
-        driving = canonicalize(driving_seq).fit_length(n)
-        talking = talking.replace(pose=driving.pose, image_size=driving.image_size)
-    else:
-        talking = apply_head_motion(talking, generate_head_motion(n, talking.fps, pipeline.motion_stats, args.seed))
-    talking = add_blinks(talking, blink_curve(n, talking.fps, pipeline.motion_stats, args.seed))
+        talking = pose_from(talking, _extract(args, Path(args.pose_from), fps=talking.fps)[0])
+    talking = natural_motion(talking, pipeline.motion_stats, args.seed, head_motion=not args.pose_from)
 
     def write_preview():
         posed = uncanonicalize(talking)

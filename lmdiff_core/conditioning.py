@@ -11,8 +11,7 @@ The L2V model is a latent diffusion U-Net that generates an aligned face crop (`
 The masks (`pose_mask`, why it has its shape, and `mouth_weight_mask`) are in `masks`.
 
 Training reads a prepared dataset folder (`data.prepare.prepare_dataset` with crop_size > 0) through
-`data.l2v_dataset.L2VFrameDataset`;
-inference builds the same inputs from a video's crops (`crop.compute_crop_track` + `crop.crop_frames`) and the
+`data.l2v_dataset.L2VFrameDataset`; inference builds the same inputs from a video's crops (`crop.compute_crop_track` + `crop.crop_frames`) and the
 predicted landmarks moved into the crops with `crop_landmarks`. Every function takes crop-space landmarks
 (`crop_landmarks`) at any crop resolution: points are scaled from ``seq_crop.frame_size`` to the size asked for, so
 landmarks of a 256 px crop serve a model trained at 128 px.

@@ -138,6 +138,17 @@ def add_blinks(seq: LandmarkSequence, closure: np.ndarray) -> LandmarkSequence:
     return seq.replace(points=points)
 
 
+
+def natural_motion(
+    seq: LandmarkSequence, stats: MotionStats | None, seed: int | None, head_motion: bool = True
+) -> LandmarkSequence:
+    """Canonical (A2L) landmarks with generated head motion (`generate_head_motion`; with `head_motion=False` the
+    pose stays, e.g. one taken from a driving video) and blinks (`blink_curve`), both drawn from `stats`."""
+    n = len(seq)
+    if head_motion:
+        seq = apply_head_motion(seq, generate_head_motion(n, seq.fps, stats, seed))
+    return add_blinks(seq, blink_curve(n, seq.fps, stats, seed))
+
 # -- statistics of a prepared dataset ------------------------------------------------------------------------------
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     padded = np.concatenate([[False], np.asarray(mask, bool), [False]]).astype(np.int8)

@@ -87,7 +87,7 @@ class AudioToLandmarks:
     ):
         from ..lmdiff_core.canonical import canonicalize, uncanonicalize
         from ..lmdiff_core.comfy_io import audio_duration, audio_from_comfy
-        from ..lmdiff_core.editing import transfer_pose
+        from ..lmdiff_core.editing import pose_from
         from ..lmdiff_core.media import frame_count
 
         reference = _reference(reference_image, landmarker, reference_landmarks)
@@ -107,7 +107,7 @@ class AudioToLandmarks:
         if talking.fps != fps:
             talking = talking.resample(fps, n_frames=n)
         if pose_landmarks is not None:
-            return (transfer_pose(talking, pose_landmarks, "face", "loop"), float(fps))
+            return (uncanonicalize(pose_from(talking, pose_landmarks)), float(fps))
         return (uncanonicalize(talking), float(fps))
 
 

@@ -361,6 +361,70 @@ def prepare_dataset(
     """
     started = time.perf_counter()
     out_dir = Path(out_dir).expanduser()
+    _check_arguments(out_dir, crop_size, val_fraction, split_by, fps)
+    val_clips = [str(v) for v in ([val_clips] if isinstance(val_clips, str) else val_clips)]
+    smooth = smoothing_mode(smooth)
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    clips = find_videos(sources)
+    if not clips:
+        raise LmdiffInputError(
+            f"no video files ({', '.join(VIDEO_SUFFIXES)}) in {', '.join(str(s) for s in sources) or 'no sources'}"
+        )
+    extractor = _load_extractor(features, float(fps))
+    settings = _settings(fps, extractor, crop_size, None)
+    settings["smoothing"] = smooth
+    clip_options = dict(crop_size=int(crop_size), min_seconds=min_seconds, fps=float(fps), max_gap=max_gap, face=face,
+                        smooth=smooth, audio=audio)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_folder(out_dir)
+    try:
+        entries = _open_dataset_folder(out_dir, settings)
+        report = PrepareReport(out_dir=str(out_dir))
+        split = _Split(val_clips, val_fraction, split_by)
+
+        def write_index() -> None:
+            _write_index(out_dir / INDEX_NAME, entries, settings, split)
+
+        try:
+            write_index()
+            for i, clip in enumerate(clips):
+                if progress is not None:
+                    progress(i, len(clips), clip.clip_id, "start")
+                sidecar = entries.get(clip.clip_id)
+                if sidecar is not None and _is_current(sidecar, clip, audio):
+                    report.skipped_existing.append(clip.clip_id)
+                    status = "skipped"
+                else:
+                    entries.pop(clip.clip_id, None)  # not complete, or from another (or changed) source: afresh
+                    files = _clip_files(out_dir / CLIPS_FOLDER, clip.clip_id)
+                    entry = _prepare_or_report(
+                        clip, out_dir, files, landmarker_factory, extractor, settings, report,
+                        speaker=_speaker_label(clip, speaker), **clip_options,
+                    )
+                    if entry is not None:
+                        entries[clip.clip_id] = entry
+                        settings["topology"] = settings["topology"] or entry["topology"]
+                        write_index()
+                    status = "failed" if entry is None else "done"
+                if progress is not None:
+                    progress(i + 1, len(clips), clip.clip_id, status)
+            report.unmatched_val_clips = split.unmatched(entries)
+            write_index()
+        except KeyboardInterrupt:
+            report.interrupted = True
+            raise
+        finally:
+            report.seconds = round(time.perf_counter() - started, 3)
+            write_json(out_dir / REPORT_NAME, report.to_dict())
+        return report
+    finally:
+        _unlock_folder(lock)
+
+
+def _check_arguments(out_dir: Path, crop_size, val_fraction, split_by, fps) -> None:
+    """LmdiffInputError naming the first argument of `prepare_dataset` that cannot be used."""
     if out_dir.exists() and not out_dir.is_dir():
         raise LmdiffInputError(f"dataset folder {out_dir} is a file; expected a folder (new or from lmdiff prepare)")
     if (
@@ -376,154 +440,98 @@ def prepare_dataset(
         raise LmdiffInputError(f"split_by must be 'clip' or 'speaker', got {split_by!r}")
     if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
         raise LmdiffInputError(f"fps must be a positive number, got {fps!r}")
-    if isinstance(val_clips, str):
-        val_clips = [val_clips]
-    val_clips = [str(v) for v in val_clips]
-    smooth = smoothing_mode(smooth)
-    if isinstance(sources, (str, os.PathLike)):
-        sources = [sources]
-    clips = find_videos(sources)
-    if not clips:
-        raise LmdiffInputError(
-            f"no video files ({', '.join(VIDEO_SUFFIXES)}) in {', '.join(str(s) for s in sources) or 'no sources'}"
-        )
-    extractor = _load_extractor(features, float(fps))
-    settings = _settings(fps, extractor, crop_size, None)
-    settings["smoothing"] = smooth
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock = _lock_folder(out_dir)
-    try:
-        clips_dir = out_dir / CLIPS_FOLDER
-        clips_dir.mkdir(exist_ok=True)
-        index_path = out_dir / INDEX_NAME
-        existing_index = None
-        if index_path.exists():
-            existing_index = read_index_file(index_path)
-            _check_settings(existing_index, settings, out_dir)
-            settings["topology"] = existing_index.get("topology")
-        # temporary files of a run that was killed (the lock says no other run is writing here)
-        for stale in [
-            *clips_dir.glob(".*.tmp"),
-            *out_dir.glob(f".{INDEX_NAME}.*.tmp"),
-            *out_dir.glob(f".{REPORT_NAME}.*.tmp"),
-        ]:
-            stale.unlink(missing_ok=True)
-        entries = _complete_entries(out_dir)
-        for entry in entries.values():
-            settings["topology"] = settings["topology"] or entry.get("topology")
 
-        report = PrepareReport(out_dir=str(out_dir))
-        # each val_clips item matches a clip id, a file stem or a source path (as given or resolved)
-        val_names = {
+def _open_dataset_folder(out_dir: Path, settings: dict) -> dict[str, dict]:
+    """The complete clips of the (locked) dataset folder by id, after checking its index's settings against
+    `settings` (whose topology it fills in) and removing the temporary files of a killed run."""
+    clips_dir = out_dir / CLIPS_FOLDER
+    clips_dir.mkdir(exist_ok=True)
+    index_path = out_dir / INDEX_NAME
+    if index_path.exists():
+        existing_index = read_index_file(index_path)
+        _check_settings(existing_index, settings, out_dir)
+        settings["topology"] = existing_index.get("topology")
+    # temporary files of a run that was killed (the lock says no other run is writing here)
+    for stale in [
+        *clips_dir.glob(".*.tmp"),
+        *out_dir.glob(f".{INDEX_NAME}.*.tmp"),
+        *out_dir.glob(f".{REPORT_NAME}.*.tmp"),
+    ]:
+        stale.unlink(missing_ok=True)
+    entries = _complete_entries(out_dir)
+    for entry in entries.values():
+        settings["topology"] = settings["topology"] or entry.get("topology")
+    return entries
+
+
+class _Split:
+    """The train / val split of `prepare_dataset`: val_clips items match a clip id, a file stem or a source path (as
+    given or resolved); the other clips are hashed (`assign_split`) by clip id or by speaker."""
+
+    def __init__(self, val_clips: list[str], val_fraction: float, split_by: str):
+        self.val_clips, self.val_fraction, self.split_by = val_clips, float(val_fraction), split_by
+        self.val_names = {
             v: {v} | ({str(Path(v).expanduser().resolve())} if Path(v).expanduser().exists() else set())
             for v in val_clips
         }
-        val_set = set().union(*val_names.values()) if val_names else set()
+        self.val_set = set().union(*self.val_names.values()) if self.val_names else set()
 
-        def names_of(entry: dict) -> set[str]:
-            return {entry["id"], entry.get("source", ""), Path(entry.get("source", "")).stem}
+    @staticmethod
+    def names_of(entry: dict) -> set[str]:
+        return {entry["id"], entry.get("source", ""), Path(entry.get("source", "")).stem}
 
-        def split_of(entry: dict) -> str:
-            if names_of(entry) & val_set:
-                return "val"
-            key = entry["id"] if split_by == "clip" else f"speaker:{entry.get('speaker', entry['id'])}"
-            return assign_split(entry["id"], val_fraction, (), key=key)
+    def __call__(self, entry: dict) -> str:
+        if self.names_of(entry) & self.val_set:
+            return "val"
+        key = entry["id"] if self.split_by == "clip" else f"speaker:{entry.get('speaker', entry['id'])}"
+        return assign_split(entry["id"], self.val_fraction, (), key=key)
 
-        def write_index() -> None:
-            listed = []
-            for cid in sorted(entries):
-                e = {k: entries[cid].get(k) for k in _PUBLIC_KEYS}
-                e["split"] = split_of(entries[cid])
-                listed.append(e)
-            index = dict(settings)
-            index.update(
-                val_fraction=float(val_fraction),
-                val_clips=list(val_clips),
-                split_by=split_by,
-                blendshape_names=list(BLENDSHAPE_NAMES)
-                if any(e.get("has_blendshapes") for e in entries.values())
-                else None,
-                n_clips=len(listed),
-                n_frames=int(sum(e["n_frames"] for e in listed)),
-                clips=listed,
-            )
-            write_json(index_path, index)
+    def unmatched(self, entries: dict[str, dict]) -> list[str]:
+        """The val_clips items that matched no clip."""
+        matched = set().union(*(self.names_of(e) for e in entries.values())) if entries else set()
+        return sorted(v for v, names in self.val_names.items() if not names & matched)
 
-        def write_report() -> None:
-            report.seconds = round(time.perf_counter() - started, 3)
-            write_json(out_dir / REPORT_NAME, report.to_dict())
 
-        try:
-            write_index()
-            for i, clip in enumerate(clips):
-                files = _clip_files(clips_dir, clip.clip_id)
-                sidecar = entries.get(clip.clip_id)
-                if progress is not None:
-                    progress(i, len(clips), clip.clip_id, "start")
-                if sidecar is not None and _is_current(sidecar, clip, audio):
-                    report.skipped_existing.append(clip.clip_id)
-                    if progress is not None:
-                        progress(i + 1, len(clips), clip.clip_id, "skipped")
-                    continue
-                # Not complete, or from another (or changed) source: start this clip afresh.
-                entries.pop(clip.clip_id, None)
-                for path in files.values():
-                    path.unlink(missing_ok=True)
-                clip_started = time.perf_counter()
-                try:
-                    entry = _prepare_clip(
-                        clip,
-                        out_dir,
-                        files,
-                        landmarker_factory,
-                        extractor,
-                        settings,
-                        crop_size=int(crop_size),
-                        min_seconds=min_seconds,
-                        fps=float(fps),
-                        max_gap=max_gap,
-                        face=face,
-                        smooth=smooth,
-                        audio=audio,
-                        speaker=_speaker_label(clip, speaker),
-                    )
-                except _ClipFailure as exc:
-                    report.failed.append(FailedClip(str(clip.path), clip.clip_id, exc.reason, exc.message))
-                    status = "failed"
-                except _SettingsError:
-                    raise
-                except Exception as exc:  # an unexpected error on one clip must not end a long run
-                    report.failed.append(
-                        FailedClip(
-                            str(clip.path),
-                            clip.clip_id,
-                            "error",
-                            f"{exc.__class__.__name__}: {exc}",
-                            traceback.format_exc(),
-                        )
-                    )
-                    status = "failed"
-                else:
-                    entries[clip.clip_id] = entry
-                    settings["topology"] = settings["topology"] or entry["topology"]
-                    report.done.append(clip.clip_id)
-                    report.clip_seconds[clip.clip_id] = round(time.perf_counter() - clip_started, 3)
-                    write_index()
-                    status = "done"
-                if progress is not None:
-                    progress(i + 1, len(clips), clip.clip_id, status)
-            matched = set().union(*(names_of(e) for e in entries.values())) if entries else set()
-            report.unmatched_val_clips = sorted(v for v, names in val_names.items() if not names & matched)
-            write_index()
-        except KeyboardInterrupt:
-            report.interrupted = True
-            raise
-        finally:
-            write_report()
-        return report
-    finally:
-        _unlock_folder(lock)
+def _write_index(index_path: Path, entries: dict[str, dict], settings: dict, split: _Split) -> None:
+    listed = []
+    for cid in sorted(entries):
+        e = {k: entries[cid].get(k) for k in _PUBLIC_KEYS}
+        e["split"] = split(entries[cid])
+        listed.append(e)
+    index = dict(settings)
+    index.update(
+        val_fraction=split.val_fraction,
+        val_clips=list(split.val_clips),
+        split_by=split.split_by,
+        blendshape_names=list(BLENDSHAPE_NAMES) if any(e.get("has_blendshapes") for e in entries.values()) else None,
+        n_clips=len(listed),
+        n_frames=int(sum(e["n_frames"] for e in listed)),
+        clips=listed,
+    )
+    write_json(index_path, index)
+
+
+def _prepare_or_report(clip, out_dir, files, landmarker_factory, extractor, settings, report, **options) -> dict | None:
+    """`_prepare_clip` of one clip: its index entry, or None with the failure added to `report` (a settings mismatch
+    ends the run; any other error on one clip must not end a long run)."""
+    for path in files.values():
+        path.unlink(missing_ok=True)
+    clip_started = time.perf_counter()
+    try:
+        entry = _prepare_clip(clip, out_dir, files, landmarker_factory, extractor, settings, **options)
+    except _ClipFailure as exc:
+        report.failed.append(FailedClip(str(clip.path), clip.clip_id, exc.reason, exc.message))
+        return None
+    except _SettingsError:
+        raise
+    except Exception as exc:
+        message = f"{exc.__class__.__name__}: {exc}"
+        report.failed.append(FailedClip(str(clip.path), clip.clip_id, "error", message, traceback.format_exc()))
+        return None
+    report.done.append(clip.clip_id)
+    report.clip_seconds[clip.clip_id] = round(time.perf_counter() - clip_started, 3)
+    return entry
 
 
 def _is_current(sidecar: dict, clip: SourceClip, audio_mode: str) -> bool:

@@ -28,12 +28,12 @@ from diffusers import DiffusionPipeline
 
 from ..canonical import canonicalize, uncanonicalize
 from ..detectors import FaceSelector, Landmarker, detect_image, extract_landmarks
-from ..editing import dub_landmarks
+from ..editing import dub_landmarks, rest_frame
 from ..errors import LmdiffInputError
 from ..appearance_bank import AppearanceBank
 from ..landmarks import LandmarkSequence
 from ..media import frame_count, iter_frames, probe_video
-from ..motion import add_blinks, apply_head_motion, blink_curve, generate_head_motion
+from ..motion import natural_motion
 from ..smoothing import smooth_detections
 from .a2l import AudioToLandmarksPipeline
 from .fast import render_fast
@@ -42,13 +42,6 @@ from .timing import stage
 
 IMAGE_MODES = ("one_shot", "still")
 MODES = ("quality", "fast")
-
-
-def natural_motion(talking: LandmarkSequence, a2l: AudioToLandmarksPipeline, seed: int | None) -> LandmarkSequence:
-    """Canonical A2L output + generated head motion and blinks (statistics of the A2L checkpoint's training set)."""
-    n = len(talking)
-    talking = apply_head_motion(talking, generate_head_motion(n, talking.fps, a2l.motion_stats, seed))
-    return add_blinks(talking, blink_curve(n, talking.fps, a2l.motion_stats, seed))
 
 
 def _looped_frames(video: Path | np.ndarray, fps: float, n: int, length: int) -> Iterator[np.ndarray]:
@@ -196,7 +189,7 @@ class TalkingHeadPipeline(DiffusionPipeline):
                 target = dub_landmarks(source_n, talking)
                 mode = "dub"
             else:
-                target = uncanonicalize(natural_motion(talking, self.a2l, seed))
+                target = uncanonicalize(natural_motion(talking, self.a2l.motion_stats, seed))
                 mode = "one_shot"
             identity = self.l2v.reference_crop(image, reference)
             frames = (image for _ in range(n))
@@ -219,9 +212,7 @@ class TalkingHeadPipeline(DiffusionPipeline):
     ) -> LandmarkSequence:
         """A2L's canonical lips and jaw for `audio` as n frames at `fps`, personalised by the most closed-mouth
         frame of `source` (the A2L runs at its own rate; another `fps` resamples its landmarks in time)."""
-        opening = source.mouth_opening()
-        valid = np.flatnonzero(source.valid)
-        reference = source[int(valid[np.argmin(opening[valid])])]
+        reference = source[rest_frame(source)]
         n_a2l = n if fps == self.a2l.fps else frame_count(n / fps, self.a2l.fps)
         with stage(self.l2v.timer, "a2l"):
             talking = self.a2l(
