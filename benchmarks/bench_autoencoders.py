@@ -23,8 +23,7 @@ import torch
 from bench_landmarks import machine
 
 from lmdiff_core.autoencoders import load_autoencoder
-from lmdiff_core.crop import compute_crop_track, crop_frames
-from lmdiff_core.masks import face_masks
+from lmdiff_core.crop import compute_crop_track, crop_frames, face_masks
 from lmdiff_core.detectors import extract_landmarks, load_landmarker
 from lmdiff_core.media import iter_frames
 

@@ -39,8 +39,7 @@ from bench_landmarks import machine
 from lmdiff_core import metrics
 from lmdiff_core.autoencoders import load_autoencoder
 from lmdiff_core.checkpoints import BUNDLED_L2V
-from lmdiff_core.crop import crop_frames
-from lmdiff_core.masks import face_masks
+from lmdiff_core.crop import crop_frames, face_masks
 from lmdiff_core.data.store import load_index
 from lmdiff_core.detectors import extract_landmarks, load_landmarker
 from lmdiff_core.data.l2v_dataset import L2VFrameDataset

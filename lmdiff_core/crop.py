@@ -1,4 +1,5 @@
-"""Aligned face crops: stable per-sequence crop boxes and batched crop / paste-back with kornia (masks: `masks`).
+"""Aligned face crops: stable per-sequence crop boxes, batched crop / paste-back with kornia, and face-region masks in
+crop space (`face_masks`, drawn by `masks`).
 
 A talking-head model works on an aligned square crop of the face; its output is warped back into the original
 frame and blended in under a (feathered) mask. This module does the geometry:
@@ -9,6 +10,7 @@ frame and blended in under a (feathered) mask. This module does the geometry:
   not jitter. Frames without a face get parameters interpolated from their valid neighbours.
 - `crop_frames(frames, track, indices)` -> crops ``[B, 3, size, size]``.
 - `paste_back(frames, crops, track, indices, mask, feather)` -> (frames, frame-space masks).
+- `face_masks(seq, track, indices)` -> {"face", "lower_face", "mouth"} masks in crop space.
 - `transform_landmarks(seq, track)` / `transform_landmarks(seq, track, inverse=True)`: frame <-> crop coordinates.
 
 Pixel convention (the same as `LandmarkSequence` and `lmdiff_core.render`): coordinates are continuous, pixel
@@ -24,6 +26,7 @@ indices of each chunk as `indices`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 
 from .errors import LmdiffInputError
 from .landmarks import LandmarkSequence
+from .masks import MASK_NAMES, feather_mask, masks_from_points
 from .topology import Topology, get_topology
 
 PADDING_MODES = {"replicate": "border", "zeros": "zeros", "reflection": "reflection"}
@@ -500,11 +504,60 @@ def transform_landmarks(
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# masks in crop space (drawn by `masks`)
+# ------------------------------------------------------------------------------------------------------------------
+def face_masks(
+    seq: LandmarkSequence,
+    track: CropTrack | None = None,
+    indices=None,
+    *,
+    size: int | None = None,
+    parts: Sequence[str] = MASK_NAMES,
+    mouth_margin: float = 0.15,
+    lower_face_line: float = 0.2,
+) -> dict[str, torch.Tensor]:
+    """Binary face-region masks {name: float32 [B, 1, S, S]} in crop space.
+
+    With a `track`, `seq` holds frame-space landmarks and is moved into the crop (S = `size`, default track.size);
+    without one, `seq` is drawn in its own pixel space (a crop-space sequence from `transform_landmarks`, or a
+    frame to get frame-space masks [B, 1, H, W]; `size` needs a track). `indices` picks the frames (default all).
+
+    - "face": convex hull of the face contour (mediapipe478: the face oval, forehead to chin; ibug68: the jaw line
+      plus the brows raised by 0.6 x eye-to-mouth distance) and of the outer lips, united with "mouth".
+    - "lower_face": "face" below a line parallel to the eye line, `lower_face_line` x the eye-to-mouth distance below
+      the eye midpoint (through the nose bridge, under the eyes): nose, mouth, chin and jaw, the region a dubbing
+      model regenerates; united with "mouth".
+    - "mouth": outer-lip hull dilated by `mouth_margin` x mouth width.
+    So mouth <= lower_face <= face. Frames whose landmarks are not valid get empty masks (nothing is pasted there).
+    """
+    if not isinstance(seq, LandmarkSequence):
+        raise LmdiffInputError(f"face_masks needs a LandmarkSequence, got {type(seq).__name__}")
+    mouth_margin = _number(mouth_margin, "mouth_margin", strict=False)
+    lower_face_line = _number(lower_face_line, "lower_face_line", minimum=-np.inf)
+    if track is not None:
+        if not isinstance(track, CropTrack):
+            raise LmdiffInputError(f"track must be a CropTrack, got {type(track).__name__}")
+        if len(seq) != len(track):
+            raise LmdiffInputError(f"landmarks have {len(seq)} frames but the crop track has {len(track)}")
+        idx = np.arange(len(seq)) if indices is None else _index_array(indices, len(track), "indices")
+        crop_seq = transform_landmarks(seq[idx], track, indices=idx)
+        s = track.size if size is None else _check_size(size, "mask size")
+        pts = crop_seq.points[..., :2].astype(np.float64) * (s / track.size)
+        return masks_from_points(pts, crop_seq.valid, seq.topology, s, s, parts, mouth_margin, lower_face_line)
+    if size is not None:
+        raise LmdiffInputError(
+            "face_masks: size needs a track (without one, masks are drawn at the landmarks' frame_size)"
+        )
+    idx = np.arange(len(seq)) if indices is None else _index_array(indices, len(seq), "indices")
+    w, h = seq.frame_size
+    pts = seq.points[idx, :, :2].astype(np.float64)
+    return masks_from_points(pts, seq.valid[idx], seq.topology, w, h, parts, mouth_margin, lower_face_line)
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # paste back
 # ------------------------------------------------------------------------------------------------------------------
 def _mask_input(mask, batch: int, s: int, device) -> torch.Tensor:
-    from .masks import MASK_NAMES  # imported here: masks imports this module
-
     if isinstance(mask, np.ndarray):
         mask = torch.from_numpy(mask)
     if not isinstance(mask, torch.Tensor):
@@ -547,7 +600,6 @@ def paste_back(
     first resized (torch's antialiased bicubic) to 1.25 crop px per frame px.
     Only the bounding box of the mask's footprint in the frame is resampled.
     """
-    from .masks import MASK_NAMES, face_masks, feather_mask  # imported here: masks imports this module
 
     if not isinstance(track, CropTrack):
         raise LmdiffInputError(f"track must be a CropTrack, got {type(track).__name__}")
@@ -643,6 +695,7 @@ def _shift_output(m: np.ndarray, dx: float, dy: float) -> np.ndarray:
 
 __all__ = [
     "CropTrack",
+    "face_masks",
     "compute_crop_track",
     "crop_frames",
     "paste_back",

@@ -1,5 +1,6 @@
-"""Face-region masks: convex hulls, rasterising, feathering, the face / lower-face / mouth masks (`face_masks`), the
-dubbing (pose) mask of the L2V pose reference (`pose_mask`) and the mouth weight mask (`mouth_weight_mask`).
+"""Face-region masks: convex hulls, rasterising, feathering, the face / lower-face / mouth masks (`masks_from_points`), the
+dubbing (pose) mask of the L2V pose reference (`pose_mask`) and the mouth weight mask (`mouth_weight_mask`). `crop.face_masks`
+draws the face / lower-face / mouth masks of frame landmarks in a crop track's crops.
 
 Masks are float32 tensors [B, 1, H, W] (0 or 1 unless feathered); crop-space landmarks come from
 `conditioning.crop_landmarks` and may be at any crop resolution (points are scaled to the size asked for).
@@ -33,7 +34,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .crop import CropTrack, _check_size, _index_array, _number, transform_landmarks
 from .errors import LmdiffInputError
 from .landmarks import LandmarkSequence
 from .topology import Topology, get_topology
@@ -47,7 +47,7 @@ POSE_SIDE = 1.6  # the template's sides run straight down to here (under the jaw
 POSE_REACH = 2.6  # bottom of the template under the eye midpoint (closed chin ~1.85 + open jaw ~0.5 + margin)
 NOSE_TO_EYE_DISTANCE = 0.7  # eye-midpoint-to-nose-base distance / eye-centre distance of the mean frontal face
 NOSE_BASE = {"mediapipe478": 2, "ibug68": 33}  # the point under the nose tip (subnasale)
-MOUTH_MARGIN = 0.15  # mouth_weight_mask: outer-lip hull dilated by this x mouth width (`face_masks`'s "mouth")
+MOUTH_MARGIN = 0.15  # mouth_weight_mask: outer-lip hull dilated by this x mouth width (`masks_from_points`'s "mouth")
 _ELLIPSE_POINTS = 64
 
 
@@ -133,7 +133,7 @@ def masks_from_points(
     mouth_margin: float = 0.15,
     lower_face_line: float = 0.2,
 ) -> dict[str, torch.Tensor]:
-    """Masks [B, 1, height, width] float32 (0 or 1) from [B, N, 2|3] pixel landmarks; see `face_masks`."""
+    """Masks [B, 1, height, width] float32 (0 or 1) from [B, N, 2|3] pixel landmarks; see `crop.face_masks`."""
     for p in parts:
         if p not in MASK_NAMES:
             raise LmdiffInputError(f"unknown mask {p!r}, expected one of {MASK_NAMES}")
@@ -180,54 +180,6 @@ def masks_from_points(
             out["lower_face"] = (face & below) | mouth
     keep = torch.as_tensor(valid).view(-1, 1, 1, 1)
     return {name: (out[name][:, None] & keep).float() for name in parts}
-
-
-def face_masks(
-    seq: LandmarkSequence,
-    track: CropTrack | None = None,
-    indices=None,
-    *,
-    size: int | None = None,
-    parts: Sequence[str] = MASK_NAMES,
-    mouth_margin: float = 0.15,
-    lower_face_line: float = 0.2,
-) -> dict[str, torch.Tensor]:
-    """Binary face-region masks {name: float32 [B, 1, S, S]} in crop space.
-
-    With a `track`, `seq` holds frame-space landmarks and is moved into the crop (S = `size`, default track.size);
-    without one, `seq` is drawn in its own pixel space (a crop-space sequence from `transform_landmarks`, or a
-    frame to get frame-space masks [B, 1, H, W]; `size` needs a track). `indices` picks the frames (default all).
-
-    - "face": convex hull of the face contour (mediapipe478: the face oval, forehead to chin; ibug68: the jaw line
-      plus the brows raised by 0.6 x eye-to-mouth distance) and of the outer lips, united with "mouth".
-    - "lower_face": "face" below a line parallel to the eye line, `lower_face_line` x the eye-to-mouth distance below
-      the eye midpoint (through the nose bridge, under the eyes): nose, mouth, chin and jaw, the region a dubbing
-      model regenerates; united with "mouth".
-    - "mouth": outer-lip hull dilated by `mouth_margin` x mouth width.
-    So mouth <= lower_face <= face. Frames whose landmarks are not valid get empty masks (nothing is pasted there).
-    """
-    if not isinstance(seq, LandmarkSequence):
-        raise LmdiffInputError(f"face_masks needs a LandmarkSequence, got {type(seq).__name__}")
-    mouth_margin = _number(mouth_margin, "mouth_margin", strict=False)
-    lower_face_line = _number(lower_face_line, "lower_face_line", minimum=-np.inf)
-    if track is not None:
-        if not isinstance(track, CropTrack):
-            raise LmdiffInputError(f"track must be a CropTrack, got {type(track).__name__}")
-        if len(seq) != len(track):
-            raise LmdiffInputError(f"landmarks have {len(seq)} frames but the crop track has {len(track)}")
-        idx = np.arange(len(seq)) if indices is None else _index_array(indices, len(track), "indices")
-        crop_seq = transform_landmarks(seq[idx], track, indices=idx)
-        s = track.size if size is None else _check_size(size, "mask size")
-        pts = crop_seq.points[..., :2].astype(np.float64) * (s / track.size)
-        return masks_from_points(pts, crop_seq.valid, seq.topology, s, s, parts, mouth_margin, lower_face_line)
-    if size is not None:
-        raise LmdiffInputError(
-            "face_masks: size needs a track (without one, masks are drawn at the landmarks' frame_size)"
-        )
-    idx = np.arange(len(seq)) if indices is None else _index_array(indices, len(seq), "indices")
-    w, h = seq.frame_size
-    pts = seq.points[idx, :, :2].astype(np.float64)
-    return masks_from_points(pts, seq.valid[idx], seq.topology, w, h, parts, mouth_margin, lower_face_line)
 
 
 def feather_mask(mask: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -357,7 +309,7 @@ def pose_mask(
 
 def mouth_weight_mask(seq_crop: LandmarkSequence, size: int, *, margin: float = MOUTH_MARGIN) -> torch.Tensor:
     """The mouth region [T, 1, S, S] float32 (0 or 1): the outer-lip hull dilated by `margin` x mouth width, as
-    `face_masks`'s "mouth" (for a mouth-weighted loss and mouth-region metrics). Invalid frames are empty."""
+    `masks_from_points`'s "mouth" (for a mouth-weighted loss and mouth-region metrics). Invalid frames are empty."""
     seq_crop = check_crop_landmarks(seq_crop)
     size = check_crop_size(size)
     xy = crop_points(seq_crop, size)

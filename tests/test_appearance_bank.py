@@ -16,8 +16,7 @@ from lmdiff_core.appearance_bank import (
     shape_keys,
 )
 from lmdiff_core.canonical import CANONICAL_INTER_OCULAR, canonicalize, head_pose
-from lmdiff_core.crop import compute_crop_track, crop_frames, transform_landmarks
-from lmdiff_core.masks import face_masks
+from lmdiff_core.crop import compute_crop_track, crop_frames, face_masks, transform_landmarks
 from lmdiff_core.detectors import extract_landmarks, load_landmarker
 from lmdiff_core.editing import dub_landmarks
 from lmdiff_core.errors import LmdiffInputError

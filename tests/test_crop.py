@@ -12,12 +12,13 @@ from lmdiff_core.crop import (
     CropTrack,
     compute_crop_track,
     crop_frames,
+    face_masks,
     paste_back,
     transform_landmarks,
 )
 from lmdiff_core.errors import LmdiffInputError
 from lmdiff_core.landmarks import LandmarkSequence
-from lmdiff_core.masks import face_masks, rasterize_polygons
+from lmdiff_core.masks import rasterize_polygons
 from lmdiff_core.topology import get_topology
 
 from .conftest import MEDIAPIPE_TASK, SHARED  # the one way tests reach ../shared

@@ -20,8 +20,7 @@ from lmdiff_core.data.l2v_dataset import L2VFrameDataset
 from lmdiff_core import conditioning as l2v
 from lmdiff_core import masks
 from lmdiff_core.canonical import apply_transform
-from lmdiff_core.crop import CropTrack, transform_landmarks
-from lmdiff_core.masks import face_masks
+from lmdiff_core.crop import CropTrack, face_masks, transform_landmarks
 from lmdiff_core.errors import LmdiffInputError
 from lmdiff_core.media import frame_count, iter_frames, read_audio, write_video
 from lmdiff_core.render import PART_COLORS
@@ -181,7 +180,7 @@ def test_pose_mask_hides_every_mouth_of_the_clip_and_keeps_the_eyes(prepared, cr
 
 def test_pose_mask_does_not_follow_the_jaw(prepared, crop_seq):
     """Opening the jaw of a closed-mouth frame (everything under the lip line moved down by 0.3 eye distances)
-    must leave the mask's outline as it was, while masks.face_masks' lower_face (the target's own outline) moves."""
+    must leave the mask's outline as it was, while crop.face_masks' lower_face (the target's own outline) moves."""
     t = int(np.argmin(crop_seq.mouth_opening()))
     one = crop_seq[t]
     xy = one.points[0, :, :2].astype(np.float64)

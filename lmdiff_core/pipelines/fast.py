@@ -3,7 +3,7 @@
 Per output frame: the appearance bank's best entries for the target lips and pose (`AppearanceBank.retrieve`), each
 warped onto the frame's target landmarks (`AppearanceBank.warp`), blended by match quality, shifted in colour to the
 frame's own skin around the mouth, and pasted into the frame under the feathered union of the frame's and the
-target's lower-face masks (`masks.face_masks`, `crop.paste_back`); pixels outside that mask are the frame's own.
+target's lower-face masks (`crop.face_masks`, `crop.paste_back`); pixels outside that mask are the frame's own.
 Frames without a face (source landmarks not valid) are passed through untouched. Streams: frames come in and go out
 `batch` at a time.
 """
@@ -16,10 +16,9 @@ import numpy as np
 import torch
 
 from ..appearance_bank import AppearanceBank, Retrieval, shape_keys
-from ..crop import compute_crop_track, crop_frames, paste_back, transform_landmarks
+from ..crop import compute_crop_track, crop_frames, face_masks, paste_back, transform_landmarks
 from ..errors import LmdiffInputError
 from ..landmarks import LandmarkSequence
-from ..masks import face_masks
 from .timing import StageTimer, stage
 
 FEATHER = 1.0 / 32.0  # paste-back feather, Gaussian sigma as a fraction of the crop side

@@ -30,11 +30,10 @@ from diffusers import DiffusionPipeline
 
 from ..atomic import atomic_write
 from ..checkpoints import read_checkpoint_info
-from ..crop import CropTrack, compute_crop_track, crop_frames, paste_back, transform_landmarks
+from ..crop import CropTrack, compute_crop_track, crop_frames, face_masks, paste_back, transform_landmarks
 from ..errors import LmdiffInputError
 from ..conditioning import pose_reference, render_condition
 from ..landmarks import LandmarkSequence
-from ..masks import face_masks
 from ..models import L2VUNet
 from .sampling import denoise, with_cfg
 from .schedulers import SAMPLERS, load_scheduler, make_scheduler
