@@ -78,7 +78,7 @@ def lip_sync(data: Path, checkpoints: dict[str, Path], cache: Path | None, steps
     from lmdiff_core import LandmarkSequence
     from lmdiff_core.audio_features import FeatureCache
     from lmdiff_core.canonical import CANONICAL_SIZE
-    from lmdiff_core.dataset import clip_arrays, load_index
+    from lmdiff_core.data.store import clip_arrays, load_index
     from lmdiff_core.pipelines.a2l import AudioToLandmarksPipeline
     from lmdiff_core.topology import convert_points
 

@@ -22,7 +22,7 @@ Modes (each scored against the ground-truth test part, re-encoded like the predi
             landmarks instead of A2L's; the bank is still the context only.
   still_fast      frame 0 dubbed as a still in fast mode, the bank = frame 0 only (what a one-shot user gives).
 Optional fine-tune (--finetune-steps N > 0), per clip, on its context only (written to an mp4 + wav and prepared with
-`lmdiff_core.dataset.prepare_dataset`, as `lmdiff prepare` does): L2V by `training/train_l2v.py` with a `lora:`
+`lmdiff_core.data.prepare.prepare_dataset`, as `lmdiff prepare` does): L2V by `training/train_l2v.py` with a `lora:`
 section on the bundled checkpoint (LoRA rank 8, merged into the run's final/; a copy of the context is the
 trainer's validation split, which it needs), A2L by a short loop over `train_a2l.compute_loss` on the bundled LSTM's
 own weights (`train_a2l.py` always starts from new weights). --finetune-parts picks l2v, a2l or both.
@@ -238,7 +238,7 @@ def finetune(name: str, parts: dict, args, work: Path) -> tuple:
 
     from lmdiff_core.autoencoders import load_autoencoder
     from lmdiff_core.checkpoints import BUNDLED_L2V
-    from lmdiff_core.dataset import prepare_dataset
+    from lmdiff_core.data.prepare import prepare_dataset
     from lmdiff_core.detectors import load_landmarker
     from lmdiff_core.media import write_video
     from lmdiff_core.pipelines.l2v import LandmarkToVideoPipeline
@@ -333,7 +333,7 @@ def finetune_a2l(a2l, data: Path, frames: int, steps: int, seed: int) -> dict:
     sys.path.insert(0, str(REPO / "training"))
     from train_a2l import compute_loss, load_a2l_config
 
-    from lmdiff_core.dataset import A2LWindowDataset
+    from lmdiff_core.data.a2l_dataset import A2LWindowDataset
     from lmdiff_core.models import A2LLSTM
 
     model = a2l.model

@@ -40,9 +40,9 @@ from lmdiff_core import metrics
 from lmdiff_core.autoencoders import load_autoencoder
 from lmdiff_core.checkpoints import BUNDLED_L2V
 from lmdiff_core.crop import crop_frames, face_masks
-from lmdiff_core.dataset import load_index
+from lmdiff_core.data.store import load_index
 from lmdiff_core.detectors import extract_landmarks, load_landmarker
-from lmdiff_core.l2v_data import L2VFrameDataset
+from lmdiff_core.data.l2v_dataset import L2VFrameDataset
 from lmdiff_core.media import iter_frames
 from lmdiff_core.pipelines.l2v import LandmarkToVideoPipeline, sample_window
 from lmdiff_core.smoothing import smooth_landmarks

@@ -34,13 +34,13 @@ import json
 import math
 import numbers
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .atomic import atomic_write
 from . import media
 from .errors import LmdiffInputError
 
@@ -652,12 +652,8 @@ class FeatureCache:
                 pass  # damaged: compute again and replace it
         features = extractor(audio, n_frames)
         self.folder.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp")
-        try:
+        with atomic_write(path) as temporary:
             save_file({"features": features}, str(temporary), metadata={"extractor": json.dumps(extractor.config())})
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
         return features
 
 

@@ -1,4 +1,4 @@
-"""Canonical (pose-free) landmark geometry, as in papers 000 and 003.
+"""Canonical (pose-free) landmark geometry, as in Landmark-guided Diffusion (arXiv 2408.01732) and Dual Diffusion / MoDiTalker (arXiv 2403.19144).
 
 Every frame is related to the canonical mean face by a 3D similarity transform fitted on stable upper-face points
 (eye corners, nose bridge, forehead, temples; never the mouth, jaw or eyelids). Applying it gives canonical landmarks
@@ -153,7 +153,7 @@ def uncanonicalize(seq: LandmarkSequence) -> LandmarkSequence:
 
 
 def transfer_pose(target: LandmarkSequence, driving: LandmarkSequence) -> LandmarkSequence:
-    """Put `driving`'s per-frame head pose onto `target`'s canonical landmarks (paper 003's alignment step).
+    """Put `driving`'s per-frame head pose onto `target`'s canonical landmarks (alignment step of "Dual diffusion model for one-shot high-fidelity talking head generation" (published as MoDiTalker, arXiv 2403.19144)).
 
     target: canonical landmarks (one frame, broadcast over the driving sequence, or as many frames as `driving`).
     driving: canonical landmarks with pose (from `canonicalize` of the driving video).

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import LmdiffInputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -113,7 +114,7 @@ def _extract(args, source: Path, fps: float | None = None):
     """Landmarks of an image or a video file (at `fps`, default --fps), smoothed for video unless --no-smooth."""
     from .detectors import detect_image, extract_landmarks
     from .media import frame_count, iter_frames, probe_video, read_image
-    from .smoothing import smooth_landmarks
+    from .smoothing import smooth_detections
 
     face = _face_selector(args.face)
     if source.suffix.lower() in IMAGE_SUFFIXES:
@@ -128,7 +129,7 @@ def _extract(args, source: Path, fps: float | None = None):
         seq = extract_landmarks(
             iter_frames(source, fps), landmarker, fps, face, _max_gap(args), str(source), lambda n: bar.update(1)
         )
-    return (seq if args.no_smooth else smooth_landmarks(seq)), info
+    return (seq if args.no_smooth else smooth_detections(seq)), info
 
 
 def _write_preview(path: Path, frames, seq, canonical, fps: float, audio=None) -> None:
@@ -139,12 +140,8 @@ def _write_preview(path: Path, frames, seq, canonical, fps: float, audio=None) -
     if path.suffix.lower() == ".png":
         from PIL import Image
 
-        partial = path.with_name(f".{path.name}.part")
-        try:
+        with atomic_write(path) as partial:
             Image.fromarray(next(frames)).save(partial, format="PNG")
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
     else:
         write_video(path, frames, fps, audio=audio)
 
@@ -153,13 +150,10 @@ def _save_with_preview(seq, out: Path, preview: Path | None, write_preview) -> N
     """Save landmarks `seq` at `out` and, with a `preview` path, call `write_preview()`. The landmarks are written
     first under a temporary name, so the preview is made only for landmarks that saved, and both appear together:
     a failed run leaves earlier files as they were."""
-    partial = seq.save(out.with_name(f".{out.stem}.part.npz"))
-    try:
+    with atomic_write(out, suffix=".npz") as partial:
+        seq.save(partial)
         if preview is not None:
             write_preview()
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def cmd_landmarks(args) -> None:
@@ -252,14 +246,14 @@ def _landmark_demo(args, out: Path) -> None:
     from .canonical import canonicalize, head_pose
     from .demo import DEMO_FPS, demo_frames, demo_motion, demo_speech
     from .detectors import extract_landmarks
-    from .smoothing import smooth_landmarks
+    from .smoothing import smooth_detections
 
     n_frames = int(round(args.seconds * DEMO_FPS))
     started = time.perf_counter()
     with _open_landmarker(args, video=True) as landmarker, _progress(n_frames, "landmarks") as bar:
         frames = list(demo_frames(n_frames))  # a few seconds: small enough to keep for the preview pass
         seq = extract_landmarks(frames, landmarker, DEMO_FPS, progress=lambda n: bar.update(1), source="demo clip")
-    seq = smooth_landmarks(seq)
+    seq = smooth_detections(seq)
     canonical = canonicalize(seq)
     _write_preview(out, frames, seq, canonical, DEMO_FPS, demo_speech(n_frames / DEMO_FPS))
     npz = out.with_suffix(".npz")
@@ -277,7 +271,7 @@ def _landmark_demo(args, out: Path) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from .dataset import prepare_dataset
+    from .data.prepare import prepare_dataset
 
     output = _output_folder(args.output, "dataset folder")
     with _open_landmarker(args, video=True):  # a bad --detector or --model fails here, not once per clip
@@ -335,7 +329,8 @@ def _reference_landmarks(args, path: Path):
 def cmd_a2l(args) -> None:
     from .canonical import canonicalize, uncanonicalize
     from .media import read_audio
-    from .motion import add_blinks, apply_head_motion, blink_curve, generate_head_motion
+    from .editing import pose_from
+    from .motion import natural_motion
     from .pipelines.a2l import AudioToLandmarksPipeline
 
     out = _output(args.output, (".npz",), "landmark file")
@@ -371,12 +366,8 @@ def cmd_a2l(args) -> None:
         )
     n = len(talking)
     if args.pose_from:
-        driving_seq, _ = _extract(args, Path(args.pose_from), fps=talking.fps)
-        driving = canonicalize(driving_seq).fit_length(n)
-        talking = talking.replace(pose=driving.pose, image_size=driving.image_size)
-    else:
-        talking = apply_head_motion(talking, generate_head_motion(n, talking.fps, pipeline.motion_stats, args.seed))
-    talking = add_blinks(talking, blink_curve(n, talking.fps, pipeline.motion_stats, args.seed))
+        talking = pose_from(talking, _extract(args, Path(args.pose_from), fps=talking.fps)[0])
+    talking = natural_motion(talking, pipeline.motion_stats, args.seed, head_motion=not args.pose_from)
 
     def write_preview():
         posed = uncanonicalize(talking)
@@ -502,12 +493,10 @@ def cmd_download_model(args) -> None:
     folder = Path(args.dir).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / MEDIAPIPE_MODEL_NAME
-    partial = target.with_name(target.name + ".part")
     try:
-        urllib.request.urlretrieve(MEDIAPIPE_MODEL_URL, partial)
-        os.replace(partial, target)
+        with atomic_write(target) as partial:
+            urllib.request.urlretrieve(MEDIAPIPE_MODEL_URL, partial)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
         raise LmdiffInputError(f"could not download {MEDIAPIPE_MODEL_URL}: {exc}") from None
     print(f"{target}\nuse it with --model {target} or: export LMDIFF_MEDIAPIPE_MODEL={target}")
 

@@ -1,4 +1,5 @@
-"""Aligned face crops: stable per-sequence crop boxes, batched crop / paste-back with kornia, and face-region masks.
+"""Aligned face crops: stable per-sequence crop boxes, batched crop / paste-back with kornia, and face-region masks in
+crop space (`face_masks`, drawn by `masks`).
 
 A talking-head model works on an aligned square crop of the face; its output is warped back into the original
 frame and blended in under a (feathered) mask. This module does the geometry:
@@ -24,7 +25,6 @@ indices of each chunk as `indices`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
@@ -34,9 +34,9 @@ import torch.nn.functional as F
 
 from .errors import LmdiffInputError
 from .landmarks import LandmarkSequence
+from .masks import MASK_NAMES, feather_mask, masks_from_points
 from .topology import Topology, get_topology
 
-MASK_NAMES = ("face", "lower_face", "mouth")
 PADDING_MODES = {"replicate": "border", "zeros": "zeros", "reflection": "reflection"}
 
 DEFAULT_SCALE = 3.2  # box side / max(eye distance, eye-to-mouth distance): whole face, chin and forehead, ~10% margin
@@ -504,136 +504,8 @@ def transform_landmarks(
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# masks
+# masks in crop space (drawn by `masks`)
 # ------------------------------------------------------------------------------------------------------------------
-HULL_DIRECTIONS = 96
-
-
-def hull_polygons(points: np.ndarray, radius: np.ndarray | float = 0.0, n_dirs: int = HULL_DIRECTIONS) -> np.ndarray:
-    """Convex hulls of point sets [B, N, 2], dilated by `radius` ([B] or a number), as polygons [B, n_dirs, 2].
-
-    Vertex k is the support point of the (dilated) hull in direction angle 2 pi k / n_dirs: the farthest input point
-    along that direction plus `radius` times the direction, so every vertex lies on the hull's boundary and the
-    polygon is inscribed in it, vectorised over the batch. Hull vertices whose exterior angle is below 2 pi / n_dirs
-    may be cut (by a sliver: under 0.3% of the hull's size with 96 directions); repeated support points give
-    zero-length edges, which rasterise to nothing.
-    """
-    pts = np.asarray(points, dtype=np.float64)
-    a = np.arange(n_dirs) * (2 * np.pi / n_dirs)
-    dirs = np.stack([np.cos(a), np.sin(a)], axis=1)  # [D, 2]
-    best = np.argmax(np.einsum("bnk,dk->bdn", pts, dirs), axis=2)  # [B, D]
-    support = np.take_along_axis(pts, best[:, :, None], axis=1)  # [B, D, 2]
-    r = np.broadcast_to(np.asarray(radius, dtype=np.float64), (pts.shape[0],))
-    return support + r[:, None, None] * dirs[None]
-
-
-def _drop_repeats(polygons: np.ndarray) -> np.ndarray:
-    """Remove consecutive repeated vertices (zero-length edges) of [B, K, 2] polygons, padding each to the batch's
-    longest by repeating its last vertex."""
-    same = np.all(polygons == np.roll(polygons, 1, axis=1), axis=2)
-    same[:, 0] = False
-    keep = ~same
-    counts = keep.sum(axis=1)
-    k = int(counts.max())
-    pos = np.cumsum(keep, axis=1) - 1  # target slot of every kept vertex
-    out = np.empty((polygons.shape[0], k, 2))
-    rows = np.nonzero(keep)
-    out[rows[0], pos[keep]] = polygons[keep]
-    slot = np.arange(k)[None, :]
-    last = out[np.arange(len(out)), counts - 1]
-    return np.where((slot < counts[:, None])[..., None], out, last[:, None, :])
-
-
-def rasterize_polygons(polygons, width: int, height: int) -> torch.Tensor:
-    """Fill polygons [B, K, 2] (pixel coordinates, any orientation, may self-intersect: non-zero winding rule) into
-    bool masks [B, height, width]. A pixel is inside when its centre is. Scanline method: per row, the signed edge
-    crossings are scattered at their column and a cumulative sum gives every pixel's winding number, so the cost is
-    O(B * K * rows spanned + B * H * W)."""
-    poly = np.asarray(polygons, dtype=np.float64)
-    b = poly.shape[0]
-    out = torch.zeros(b, height, width, dtype=torch.bool)
-    if b == 0 or poly.shape[1] < 3:
-        return out
-    poly = _drop_repeats(poly)
-    ys = poly[..., 1]
-    r0 = int(np.clip(np.floor(np.nanmin(ys) - 0.5), 0, height))
-    r1 = int(np.clip(np.ceil(np.nanmax(ys) + 0.5), 0, height))
-    if r1 <= r0:
-        return out
-    p0 = torch.as_tensor(poly)
-    p1 = torch.roll(p0, -1, dims=1)
-    yc = torch.arange(r0, r1, dtype=torch.float64) + 0.5
-    x0, y0, x1, y1 = (v[..., None] for v in (p0[..., 0], p0[..., 1], p1[..., 0], p1[..., 1]))  # [B, K, 1]
-    up = (y0 <= yc) & (y1 > yc)
-    down = (y1 <= yc) & (y0 > yc)
-    slope = (x1 - x0) / torch.where(y1 == y0, torch.ones_like(y1), y1 - y0)
-    col = (x0 + 0.5 + (yc - y0) * slope).floor_().clamp_(0, width).long()  # first pixel right of the crossing
-    sign = up.to(torch.int16) - down.to(torch.int16)
-    acc = torch.zeros(b, r1 - r0, width + 1, dtype=torch.int16)
-    acc.scatter_add_(2, col.transpose(1, 2), sign.transpose(1, 2))
-    out[:, r0:r1] = acc.cumsum_(dim=2)[:, :, :width] != 0
-    return out
-
-
-def masks_from_points(
-    points: np.ndarray,
-    valid: np.ndarray,
-    topology: str,
-    width: int,
-    height: int,
-    parts: Sequence[str] = MASK_NAMES,
-    mouth_margin: float = 0.15,
-    lower_face_line: float = 0.2,
-) -> dict[str, torch.Tensor]:
-    """Masks [B, 1, height, width] float32 (0 or 1) from [B, N, 2|3] pixel landmarks; see `face_masks`."""
-    for p in parts:
-        if p not in MASK_NAMES:
-            raise LmdiffInputError(f"unknown mask {p!r}, expected one of {MASK_NAMES}")
-    topo = get_topology(topology)
-    xy = np.asarray(points, dtype=np.float64)[..., :2]
-    valid = np.asarray(valid, dtype=bool) & np.isfinite(xy).all(axis=(1, 2))
-    xy = np.where(valid[:, None, None], xy, 0.0)
-    b = xy.shape[0]
-    lips = xy[:, topo.part_indices("outer_lips")]
-    right, left = topo.eye_centers(xy)
-    a, c = topo.mouth_corners
-    eye_mid = (right + left) / 2
-    to_mouth = (xy[:, a] + xy[:, c]) / 2 - eye_mid
-    mouth_width = np.linalg.norm(xy[:, a] - xy[:, c], axis=1)
-
-    polygons = [hull_polygons(lips, mouth_margin * mouth_width)]  # mouth: dilated outer-lip hull
-    need_face = "face" in parts or "lower_face" in parts
-    if need_face:
-        face_pts = [xy[:, topo.part_indices("contour")], lips]
-        if topo.name != "mediapipe478":  # a jaw-line contour: add a forehead by raising the brows
-            brows = xy[:, np.concatenate([topo.part_indices("right_brow"), topo.part_indices("left_brow")])]
-            face_pts.append(brows - 0.6 * to_mouth[:, None])
-        polygons.append(hull_polygons(np.concatenate(face_pts, axis=1)))
-    filled = rasterize_polygons(np.concatenate(polygons), width, height)
-    mouth = filled[:b]
-    out: dict[str, torch.Tensor] = {"mouth": mouth}
-    if need_face:
-        face = filled[b:] | mouth
-        out["face"] = face
-        if "lower_face" in parts:
-            eye_vec = left - right
-            normal = np.stack([-eye_vec[:, 1], eye_vec[:, 0]], axis=1)
-            normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-9)
-            along = np.einsum("bi,bi->b", to_mouth, normal)
-            normal *= np.where(along < 0, -1.0, 1.0)[:, None]  # point from the eyes towards the mouth
-            offset = lower_face_line * np.abs(along) + np.einsum("bi,bi->b", eye_mid, normal)
-            n = torch.as_tensor(normal, dtype=torch.float32)
-            xs = torch.arange(width, dtype=torch.float32) + 0.5
-            ys = torch.arange(height, dtype=torch.float32) + 0.5
-            below = (
-                n[:, 1, None, None] * ys[None, :, None] + n[:, 0, None, None] * xs[None, None, :]
-                >= torch.as_tensor(offset, dtype=torch.float32)[:, None, None]
-            )
-            out["lower_face"] = (face & below) | mouth
-    keep = torch.as_tensor(valid).view(-1, 1, 1, 1)
-    return {name: (out[name][:, None] & keep).float() for name in parts}
-
-
 def face_masks(
     seq: LandmarkSequence,
     track: CropTrack | None = None,
@@ -685,26 +557,6 @@ def face_masks(
 # ------------------------------------------------------------------------------------------------------------------
 # paste back
 # ------------------------------------------------------------------------------------------------------------------
-def _feather(mask: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur of [B, 1, S, S] masks with zero outside the crop; large sigmas run at reduced resolution."""
-    if sigma < 0.3:
-        return mask
-    from kornia.filters import gaussian_blur2d
-
-    factor = 1
-    while sigma / (factor * 2) >= 2.0 and mask.shape[-1] // (factor * 2) >= 16:
-        factor *= 2
-    small = F.avg_pool2d(mask, factor) if factor > 1 else mask
-    s = sigma / factor
-    if factor > 1:  # the box filter already blurred by ~factor/sqrt(12) full-res px
-        s = math.sqrt(max(s * s - 1.0 / 12.0, 0.09))
-    ks = 2 * int(math.ceil(3 * s)) + 1
-    small = gaussian_blur2d(small, (ks, ks), (s, s), border_type="constant")
-    if factor > 1:
-        small = F.interpolate(small, size=mask.shape[-2:], mode="bilinear", align_corners=False)
-    return small.clamp_(0.0, 1.0)
-
-
 def _mask_input(mask, batch: int, s: int, device) -> torch.Tensor:
     if isinstance(mask, np.ndarray):
         mask = torch.from_numpy(mask)
@@ -748,6 +600,7 @@ def paste_back(
     first resized (torch's antialiased bicubic) to 1.25 crop px per frame px.
     Only the bounding box of the mask's footprint in the frame is resampled.
     """
+
     if not isinstance(track, CropTrack):
         raise LmdiffInputError(f"track must be a CropTrack, got {type(track).__name__}")
     _check_mode(mode)
@@ -783,7 +636,7 @@ def paste_back(
         )[mask].to(x.device)
     else:
         m = _mask_input(mask, b, s, x.device)
-    m = _feather(m.float(), float(feather))
+    m = feather_mask(m.float(), float(feather))
 
     # crop -> frame matrices for crops of side s
     fwd = track.matrices[idx] * (s / track.size)
@@ -842,14 +695,10 @@ def _shift_output(m: np.ndarray, dx: float, dy: float) -> np.ndarray:
 
 __all__ = [
     "CropTrack",
-    "MASK_NAMES",
+    "face_masks",
     "compute_crop_track",
     "crop_frames",
-    "face_masks",
-    "masks_from_points",
     "paste_back",
-    "hull_polygons",
-    "rasterize_polygons",
     "raw_crop_params",
     "transform_landmarks",
 ]

@@ -101,6 +101,31 @@ def add_head_motion(seq: LandmarkSequence, stats=None, seed: int | None = None) 
     return _edit_canonical(seq, lambda c: apply_head_motion(c, generate_head_motion(len(c), c.fps, stats, seed)))
 
 
+def pose_from(talking: LandmarkSequence, driving: LandmarkSequence, fit: str = "loop") -> LandmarkSequence:
+    """Canonical landmarks `talking` carrying the head pose of `driving` (a video's image-space landmarks, or canonical
+    ones with a pose), frame by frame: the driving landmarks are resampled to `talking`'s frame rate and fitted to its
+    length with `fit` ("loop", "pingpong" or "hold"). `uncanonicalize` then places the face in the driving frames."""
+    if talking.space != "canonical":
+        raise LmdiffInputError("pose_from: the talking landmarks must be canonical (A2L output, or run canonicalize)")
+    driving = canonicalize(_driving_frames(driving, fit, talking))
+    return talking.replace(pose=driving.pose, image_size=driving.image_size)
+
+
+def _driving_frames(driving: LandmarkSequence, fit: str, like: LandmarkSequence | None) -> LandmarkSequence:
+    """Image-space driving landmarks; with `like`, resampled to its frame rate and fitted to its length by `fit`."""
+    if fit not in FIT_MODES:
+        raise LmdiffInputError(f"the driving landmarks' fit must be one of {FIT_MODES}, got {fit!r}")
+    if driving.space == "canonical":
+        if driving.pose is None:
+            raise LmdiffInputError("the driving landmarks carry no head pose: give image-space landmarks")
+        driving = uncanonicalize(driving)
+    if like is not None:
+        if driving.fps != like.fps:
+            driving = driving.resample(like.fps)
+        driving = driving.fit_length(len(like), fit)
+    return driving
+
+
 def transfer_pose(
     seq: LandmarkSequence, driving: LandmarkSequence, parts: str = "face", fit: str = "loop"
 ) -> LandmarkSequence:
@@ -113,16 +138,7 @@ def transfer_pose(
     """
     if parts not in TRANSFER_PARTS:
         raise LmdiffInputError(f"transfer_pose parts must be one of {TRANSFER_PARTS}, got {parts!r}")
-    if fit not in FIT_MODES:
-        raise LmdiffInputError(f"transfer_pose fit must be one of {FIT_MODES}, got {fit!r}")
-    if driving.space == "canonical":
-        if driving.pose is None:
-            raise LmdiffInputError("the driving landmarks carry no head pose: give image-space landmarks")
-        driving = uncanonicalize(driving)
-    if len(seq) > 1:
-        if driving.fps != seq.fps:
-            driving = driving.resample(seq.fps)
-        driving = driving.fit_length(len(seq), fit)
+    driving = _driving_frames(driving, fit, seq if len(seq) > 1 else None)
     if seq.topology != driving.topology:  # only mediapipe478 -> ibug68 converts
         seq = seq.to_topology("ibug68")
     canonical = seq if seq.space == "canonical" else canonicalize(seq)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import LmdiffInputError
 from .topology import get_topology
 
@@ -267,17 +266,8 @@ class LandmarkSequence:
         if self.image_size is not None:
             arrays["image_size"] = np.asarray(self.image_size, dtype=np.int64)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, **arrays)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the file the usual permissions
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
         return path
 
     @classmethod

@@ -18,7 +18,6 @@ import logging
 import math
 import numbers
 import os
-import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -31,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write
 from .errors import LmdiffInputError
 
 DEFAULT_FPS = 25.0
@@ -272,15 +272,10 @@ def write_video(
         if audio.ndim != 1:
             raise LmdiffInputError(f"audio for {path} must be mono with shape [samples], got {audio.shape}")
 
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
-    try:
-        mp4_options = {"movflags": "+faststart"}  # index first, so players can start before the download ends
+    mp4_options = {"movflags": "+faststart"}  # index first, so players can start before the download ends
+    with atomic_write(path) as temporary:
         with av.open(str(temporary), mode="w", format="mp4", container_options=mp4_options) as container:
             _encode(container, path, frames, fps, audio, sample_rate, crf, progress, preset)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -3,7 +3,11 @@
 Frames are float tensors [T, 3, H, W] in [0, 1] (or uint8 [T, H, W, 3] arrays, converted by `as_frames`); masks are
 [T, 1, H, W] in [0, 1]; landmarks are `LandmarkSequence`s of the same frames.
 
-- `psnr`, `ssim`: full frame or inside a mask (kornia); mean over frames.
+- `mean_psnr`: the mean over frames of each frame's PSNR, as talking-head papers report it; `psnr`: the PSNR of the
+  mean squared error pooled over all frames (what `lmdiff eval` called PSNR before), full frame or inside a mask.
+- `ssim`: Wang et al.'s SSIM ("Image quality assessment: from error visibility to structural similarity", IEEE TIP
+  2004) as scikit-image computes it for the published tables (11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03,
+  population covariances, per RGB channel, pixels whose window lies inside the frame); mean over frames.
 - `landmark_distance` (LMD): mean point distance over the inter-ocular distance of the ground truth, all points or a
   part ("mouth": the lips).
 - `mouth_opening_correlation`: Pearson correlation over time of the inner-lip gap (a sync measure needing no
@@ -53,7 +57,8 @@ def _pair(pred, truth) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def psnr(pred, truth, mask: torch.Tensor | None = None) -> float:
-    """PSNR (dB) of the mean squared error over all frames (inside `mask` when given); inf for identical frames."""
+    """PSNR (dB) of the mean squared error pooled over all frames (inside `mask` when given); inf for identical
+    frames. Published tables average per-frame PSNR instead: `mean_psnr`."""
     pred, truth = _pair(pred, truth)
     if mask is None:
         mse = float(((pred - truth) ** 2).mean())
@@ -63,15 +68,57 @@ def psnr(pred, truth, mask: torch.Tensor | None = None) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def ssim(pred, truth, mask: torch.Tensor | None = None, window_size: int = 11) -> float:
-    """Mean SSIM (kornia's Gaussian-window SSIM map, averaged over channels and pixels, inside `mask` when given)."""
-    import kornia
+def frame_psnr(pred, truth) -> np.ndarray:
+    """[T] PSNR (dB) of each frame (peak 1.0); inf for a frame identical to its ground truth."""
+    pred, truth = _pair(pred, truth)
+    mse = ((pred.double() - truth.double()) ** 2).mean(dim=(1, 2, 3)).numpy()
+    with np.errstate(divide="ignore"):
+        return -10 * np.log10(mse)
+
+
+def mean_psnr(pred, truth) -> float:
+    """The mean over frames of each frame's PSNR (dB), the talking-head papers' PSNR. Frames identical to the ground
+    truth (infinite PSNR) are left out; inf when every frame is identical."""
+    values = frame_psnr(pred, truth)
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if len(finite) else math.inf
+
+
+SSIM_SIGMA = 1.5  # Gaussian window of Wang et al.'s SSIM: sigma 1.5 px, truncated at 3.5 sigma (11 taps, as skimage)
+SSIM_RADIUS = 5
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+
+
+def ssim_map(pred, truth) -> torch.Tensor:
+    """Wang et al.'s SSIM per pixel [T, 1, H - 10, W - 10] float64, averaged over the RGB channels, for the pixels
+    whose 11x11 window lies inside the frame (see the module docstring; peak 1.0)."""
+    import torch.nn.functional as F
 
     pred, truth = _pair(pred, truth)
-    values = kornia.metrics.ssim(pred, truth, window_size).mean(dim=1, keepdim=True)
+    x, y = pred.double(), truth.double()
+    taps = torch.arange(-SSIM_RADIUS, SSIM_RADIUS + 1, dtype=torch.float64)
+    g = torch.exp(-(taps**2) / (2 * SSIM_SIGMA**2))
+    g = g / g.sum()
+    channels = x.shape[1]
+    rows, cols = g.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), g.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
+
+    def blur(v: torch.Tensor) -> torch.Tensor:  # separable 'valid' Gaussian filter
+        return F.conv2d(F.conv2d(v, rows, groups=channels), cols, groups=channels)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    c1, c2 = SSIM_K1**2, SSIM_K2**2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.mean(dim=1, keepdim=True)
+
+
+def ssim(pred, truth, mask: torch.Tensor | None = None) -> float:
+    """Mean SSIM (`ssim_map`) over the frames, inside `mask` [T, 1, H, W] when given."""
+    values = ssim_map(pred, truth)
     if mask is None:
         return float(values.mean())
-    weight = mask.float()
+    r = SSIM_RADIUS
+    weight = mask.double()[..., r:-r, r:-r]
     return float((values * weight).sum() / weight.sum().clamp(min=1e-8))
 
 

@@ -31,14 +31,13 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from .atomic import atomic_write
 from .errors import LmdiffInputError
 from .landmarks import LandmarkSequence
 from .topology import Topology, get_topology
@@ -763,12 +762,6 @@ def save_openpose_json(seq: LandmarkSequence, path, normalized: bool = False) ->
         raise LmdiffInputError(f"OpenPose JSON path {path} is a directory, expected a file path")
     data = to_openpose_face(seq, normalized=normalized)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, separators=(",", ":"))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, separators=(",", ":"))
     return path

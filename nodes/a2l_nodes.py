@@ -6,7 +6,7 @@ from ..lmdiff_core.errors import LmdiffInputError
 from .edit_nodes import SEED
 from .landmark_nodes import LANDMARKER, LANDMARKS
 from .models import A2L, checkpoint_names, checkpoint_path
-from .runtime import DEVICES, PRECISIONS, LoadedPipeline, Progress, torch_device, torch_dtype
+from .runtime import DEVICES, PRECISIONS, LoadedPipeline, Progress, check_interrupted, torch_device, torch_dtype
 
 A2L_MODEL = "LMDIFF_A2L_MODEL"
 
@@ -87,7 +87,7 @@ class AudioToLandmarks:
     ):
         from ..lmdiff_core.canonical import canonicalize, uncanonicalize
         from ..lmdiff_core.comfy_io import audio_duration, audio_from_comfy
-        from ..lmdiff_core.editing import transfer_pose
+        from ..lmdiff_core.editing import pose_from
         from ..lmdiff_core.media import frame_count
 
         reference, rest = _reference(reference_image, landmarker, reference_landmarks)
@@ -103,11 +103,12 @@ class AudioToLandmarks:
                 seed=seed,
                 progress=Progress(n),
                 rest=rest,
+                on_step=check_interrupted,
             )
         if talking.fps != fps:
             talking = talking.resample(fps, n_frames=n)
         if pose_landmarks is not None:
-            return (transfer_pose(talking, pose_landmarks, "face", "loop"), float(fps))
+            return (uncanonicalize(pose_from(talking, pose_landmarks)), float(fps))
         return (uncanonicalize(talking), float(fps))
 
 

@@ -23,7 +23,7 @@ L2V_MODEL = "LMDIFF_L2V_MODEL"
 CROP_INFO = "LMDIFF_CROP_INFO"
 L2V_SAMPLERS = ("ddim", "dpm++", "unipc")  # lmdiff_core.pipelines.schedulers.SAMPLERS less the training "ddpm"
 L2V_MODES = ("dub", "one_shot")  # lmdiff_core.pipelines.l2v.MODES
-PASTE_MASKS = ("face", "lower_face", "mouth", "crop")  # crop.MASK_NAMES plus the whole crop
+PASTE_MASKS = ("face", "lower_face", "mouth", "crop")  # masks.MASK_NAMES plus the whole crop
 CHUNK = 16  # frames cropped or pasted at once
 
 

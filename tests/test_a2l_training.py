@@ -13,7 +13,8 @@ import yaml
 
 from lmdiff_core import LandmarkSequence, LmdiffInputError
 from lmdiff_core.canonical import CANONICAL_SIZE, mean_face, to_model_units
-from lmdiff_core.dataset import clip_arrays, load_index, prepare_dataset
+from lmdiff_core.data.prepare import prepare_dataset
+from lmdiff_core.data.store import clip_arrays, load_index
 from lmdiff_core.detectors import load_landmarker
 from lmdiff_core.media import frame_count, iter_frames, read_audio, write_video
 from lmdiff_core.pipelines.a2l import AudioToLandmarksPipeline

@@ -649,7 +649,7 @@ def test_prepare_with_every_source_failing_exits_2(tmp_path):
 
 def test_prepare_obeys_no_smooth(tmp_path, mediapipe_model):
     """D1: `prepare --no-smooth` stores the detector's raw landmarks (the default smooths them)."""
-    from lmdiff_core.dataset import clip_sequence
+    from lmdiff_core.data.store import clip_sequence
     from lmdiff_core.media import read_video, write_video
 
     video = read_video(shared_path(CLIP))

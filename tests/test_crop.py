@@ -14,11 +14,11 @@ from lmdiff_core.crop import (
     crop_frames,
     face_masks,
     paste_back,
-    rasterize_polygons,
     transform_landmarks,
 )
 from lmdiff_core.errors import LmdiffInputError
 from lmdiff_core.landmarks import LandmarkSequence
+from lmdiff_core.masks import rasterize_polygons
 from lmdiff_core.topology import get_topology
 
 from .conftest import MEDIAPIPE_TASK, SHARED  # the one way tests reach ../shared

@@ -1,4 +1,4 @@
-"""Tests for lmdiff_core.dataset on short clips cut from the real talking clips, with real MediaPipe landmarks.
+"""Tests for lmdiff_core.data (prepare, store) and the dataset statistics on short clips cut from the real talking clips, with real MediaPipe landmarks.
 
 Expected values come from independent computations: frame counts from `media.frame_count` of the probed duration,
 features recomputed from the audio, window counts from the clip lengths, landmarks compared with a separate MediaPipe
@@ -17,7 +17,8 @@ import pytest
 import soundfile
 import torch
 
-from lmdiff_core import dataset as ds
+from lmdiff_core import motion, smoothing
+from lmdiff_core.data import a2l_dataset, prepare, store
 from lmdiff_core.audio_features import LogMelFeatures
 from lmdiff_core.canonical import CANONICAL_EYE_MID, CANONICAL_INTER_OCULAR, apply_transform, to_model_units
 from lmdiff_core.detectors import load_landmarker
@@ -117,7 +118,7 @@ def prepared(tmp_path_factory, mediapipe_model):
     factory = CountingFactory(mediapipe_model)
     out = root / "out"
     sources = _sources(src, [*GOOD, *BAD])
-    report = ds.prepare_dataset(sources, out, factory, crop_size=256, val_fraction=0.1, min_seconds=2.0)
+    report = prepare.prepare_dataset(sources, out, factory, crop_size=256, val_fraction=0.1, min_seconds=2.0)
     return {"root": root, "src": src, "sources": sources, "out": out, "report": report, "factory": factory}
 
 
@@ -166,10 +167,10 @@ def test_report_lists_exactly_the_bad_clips(prepared):
 
 def test_index_entries(prepared):
     out, src = prepared["out"], prepared["src"]
-    index = ds.load_index(out)
+    index = store.load_index(out)
     assert index["fps"] == FPS and index["topology"] == "mediapipe478" and index["crop_size"] == 256
     assert index["features"] == LogMelFeatures().config()
-    assert index["blendshape_names"] == list(ds.BLENDSHAPE_NAMES)
+    assert index["blendshape_names"] == list(store.BLENDSHAPE_NAMES)
     entries = {e["id"]: e for e in index["clips"]}
     assert sorted(entries) == sorted(GOOD)
     for cid, e in entries.items():
@@ -179,7 +180,7 @@ def test_index_entries(prepared):
         assert e["speaker"] == video.stem
         assert e["split"] in ("train", "val")
         # the fraction of frames with a detected face (pcavs_00002 loses it for 8 frames, filled in)
-        interpolated = ds.clip_arrays(out, cid)["interpolated"]
+        interpolated = store.clip_arrays(out, cid)["interpolated"]
         assert e["face_rate"] == pytest.approx(1.0 - interpolated.mean(), abs=1e-5) and e["face_rate"] > 0.8
         assert (out / e["files"]["a2l"]).is_file() and (out / e["files"]["crops"]).is_file()
         assert (out / "clips" / f"{cid}.json").is_file()
@@ -195,7 +196,7 @@ def test_a2l_arrays(prepared, mediapipe_model):
     detector = _mp_image_detector(mediapipe_model)
     extractor = LogMelFeatures()
     for cid in GOOD:
-        entry = next(e for e in ds.load_index(out)["clips"] if e["id"] == cid)
+        entry = next(e for e in store.load_index(out)["clips"] if e["id"] == cid)
         t = entry["n_frames"]
         stored = load_file(str(out / entry["files"]["a2l"]))
         assert "crops" not in stored  # A2L never loads the crops
@@ -234,7 +235,7 @@ def test_crops_show_the_face(prepared, mediapipe_model):
     from safetensors.numpy import load_file
 
     for cid in GOOD:
-        arrays = ds.clip_arrays(out, cid, crops=True)
+        arrays = store.clip_arrays(out, cid, crops=True)
         crops, matrices = arrays["crops"], arrays["crop_matrices"]
         t = arrays["entry"]["n_frames"]
         assert crops.shape == (t, 3, 256, 256) and crops.dtype == np.uint8
@@ -242,7 +243,7 @@ def test_crops_show_the_face(prepared, mediapipe_model):
         # the streamed file is an ordinary safetensors file
         whole = load_file(str(out / arrays["entry"]["files"]["crops"]))
         np.testing.assert_array_equal(whole["crops"], crops)
-        part, part_m = ds.load_crops(out, cid, 10, 20)
+        part, part_m = store.load_crops(out, cid, 10, 20)
         np.testing.assert_array_equal(part, crops[10:20])
         np.testing.assert_array_equal(part_m, matrices[10:20])
         for k in (0, t - 1):
@@ -263,9 +264,9 @@ def test_blendshape_names_match_mediapipe(prepared, mediapipe_model):
     _, result = _mp_detect(detector, frame)
     detector.close()
     names = tuple(c.category_name for c in result.face_blendshapes[0])
-    assert names == ds.BLENDSHAPE_NAMES
-    assert names[ds.EYE_BLINK_LEFT] == "eyeBlinkLeft" and names[ds.EYE_BLINK_RIGHT] == "eyeBlinkRight"
-    assert (ds.EYE_BLINK_LEFT, ds.EYE_BLINK_RIGHT) == (9, 10)
+    assert names == store.BLENDSHAPE_NAMES
+    assert names[motion.EYE_BLINK_LEFT] == "eyeBlinkLeft" and names[motion.EYE_BLINK_RIGHT] == "eyeBlinkRight"
+    assert (motion.EYE_BLINK_LEFT, motion.EYE_BLINK_RIGHT) == (9, 10)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -276,7 +277,7 @@ def test_rerun_skips_everything(prepared, mediapipe_model, tmp_path):
     shutil.copytree(prepared["out"], out)
     before = _files_of(out)
     factory = CountingFactory(mediapipe_model)
-    report = ds.prepare_dataset(prepared["sources"], out, factory)
+    report = prepare.prepare_dataset(prepared["sources"], out, factory)
     assert sorted(report.skipped_existing) == sorted(GOOD) and report.done == []
     assert factory.calls == 1  # only the faceless clip is tried again (failures are not remembered)
     assert _files_of(out) == before
@@ -294,9 +295,9 @@ def test_resume_after_deletion_and_interruption(prepared, mediapipe_model, tmp_p
 
     # 1. interrupted while detecting landmarks (KeyboardInterrupt on the 20th frame)
     with pytest.raises(KeyboardInterrupt):
-        ds.prepare_dataset(sources, out, CountingFactory(mediapipe_model, interrupt_at=20))
+        prepare.prepare_dataset(sources, out, CountingFactory(mediapipe_model, interrupt_at=20))
     assert _files_of(out) == others  # nothing partial, the others untouched
-    assert sorted(e["id"] for e in ds.load_index(out)["clips"]) == rest
+    assert sorted(e["id"] for e in store.load_index(out)["clips"]) == rest
     assert json.loads((out / "report.json").read_text())["interrupted"] is True
 
     # 2. interrupted while writing the crops (second batch of the streamed crop file)
@@ -313,22 +314,22 @@ def test_resume_after_deletion_and_interruption(prepared, mediapipe_model, tmp_p
 
     monkeypatch.setattr(crop_module, "crop_frames", interrupting_crop_frames)
     with pytest.raises(KeyboardInterrupt):
-        ds.prepare_dataset(sources, out, CountingFactory(mediapipe_model))
+        prepare.prepare_dataset(sources, out, CountingFactory(mediapipe_model))
     monkeypatch.setattr(crop_module, "crop_frames", real)
     assert batches["n"] == 2
     assert _files_of(out) == others
-    assert sorted(e["id"] for e in ds.load_index(out)["clips"]) == rest
+    assert sorted(e["id"] for e in store.load_index(out)["clips"]) == rest
 
     # 3. the rerun computes only the missing clip
     factory = CountingFactory(mediapipe_model)
-    report = ds.prepare_dataset(sources, out, factory)
+    report = prepare.prepare_dataset(sources, out, factory)
     assert report.done == [victim] and sorted(report.skipped_existing) == rest
     assert factory.calls == 1
     after = _files_of(out)
     assert {k: v for k, v in after.items() if not k.startswith(victim + ".")} == others  # mtimes unchanged
-    assert sorted(e["id"] for e in ds.load_index(out)["clips"]) == sorted(GOOD)
+    assert sorted(e["id"] for e in store.load_index(out)["clips"]) == sorted(GOOD)
     # the recomputed clip equals the one computed the first time (a deterministic pipeline)
-    again, original = ds.clip_arrays(out, victim), ds.clip_arrays(prepared["out"], victim)
+    again, original = store.clip_arrays(out, victim), store.clip_arrays(prepared["out"], victim)
     np.testing.assert_allclose(again["points"], original["points"], atol=1e-3)
     np.testing.assert_array_equal(again["features"], original["features"])
 
@@ -337,9 +338,9 @@ def test_changed_settings_are_refused(prepared, mediapipe_model, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(prepared["out"], out)
     with pytest.raises(LmdiffInputError, match="crop_size"):
-        ds.prepare_dataset([prepared["src"]], out, CountingFactory(mediapipe_model), crop_size=128)
+        prepare.prepare_dataset([prepared["src"]], out, CountingFactory(mediapipe_model), crop_size=128)
     with pytest.raises(LmdiffInputError, match="features"):
-        ds.prepare_dataset(
+        prepare.prepare_dataset(
             [prepared["src"]], out, CountingFactory(mediapipe_model), features={"kind": "logmel", "n_mels": 40}
         )
 
@@ -358,11 +359,11 @@ def test_split_is_deterministic(prepared, mediapipe_model, tmp_path):
     sources = _sources(prepared["src"], GOOD)
 
     def splits(folder=out):
-        return {e["id"]: e["split"] for e in ds.load_index(folder)["clips"]}
+        return {e["id"]: e["split"] for e in store.load_index(folder)["clips"]}
 
     # other orders of the sources (and another fraction): everything is skipped, the split follows SHA-1 of the id
     for order in (sources, sources[::-1], [sources[1], sources[2], sources[0]]):
-        report = ds.prepare_dataset(order, out, CountingFactory(mediapipe_model), val_fraction=0.5)
+        report = prepare.prepare_dataset(order, out, CountingFactory(mediapipe_model), val_fraction=0.5)
         assert sorted(report.skipped_existing) == sorted(GOOD)
         assert splits() == {c: _sha1_split(c, 0.5) for c in GOOD}
     forward = splits()
@@ -374,16 +375,16 @@ def test_split_is_deterministic(prepared, mediapipe_model, tmp_path):
     for cid in kept:
         for path in (out / "clips").glob(f"{cid}.*"):
             shutil.copy2(path, fewer / "clips" / path.name)
-    report = ds.prepare_dataset(
+    report = prepare.prepare_dataset(
         _sources(prepared["src"], kept[::-1]), fewer, CountingFactory(mediapipe_model), val_fraction=0.5
     )
     assert sorted(report.skipped_existing) == kept
     assert splits(fewer) == {c: forward[c] for c in kept}
 
     # val_clips override: by id, or by the source's path or stem
-    ds.prepare_dataset(sources, out, CountingFactory(mediapipe_model), val_fraction=0.0, val_clips=["macron_fr"])
+    prepare.prepare_dataset(sources, out, CountingFactory(mediapipe_model), val_fraction=0.0, val_clips=["macron_fr"])
     assert splits() == {c: "val" if c == "macron_fr" else "train" for c in GOOD}
-    report = ds.prepare_dataset(
+    report = prepare.prepare_dataset(
         sources, out, CountingFactory(mediapipe_model), val_fraction=0.0, val_clips=[str(sources[2]), "nope"]
     )
     assert splits() == {c: "val" if c == "pcavs_00002" else "train" for c in GOOD}
@@ -392,11 +393,11 @@ def test_split_is_deterministic(prepared, mediapipe_model, tmp_path):
 
 def test_split_function_ignores_other_clips():
     ids = [f"speaker{i}/clip{j}" for i in range(50) for j in range(4)]
-    first = {c: ds.assign_split(c, 0.2) for c in ids}
+    first = {c: prepare.assign_split(c, 0.2) for c in ids}
     assert first == {c: _sha1_split(c, 0.2) for c in ids}
     assert 0.1 < np.mean([s == "val" for s in first.values()]) < 0.3
-    assert ds.assign_split(ids[0], 0.0, val_clips=[ids[0]]) == "val"
-    assert ds.assign_split(ids[0], 1.0) == "val" and ds.assign_split(ids[0], 0.0) == "train"
+    assert prepare.assign_split(ids[0], 0.0, val_clips=[ids[0]]) == "val"
+    assert prepare.assign_split(ids[0], 1.0) == "val" and prepare.assign_split(ids[0], 0.0) == "train"
 
 
 def test_clip_ids_are_stable_and_unique(tmp_path):
@@ -405,14 +406,14 @@ def test_clip_ids_are_stable_and_unique(tmp_path):
         (tmp_path / folder / "talk.mp4").write_bytes(b"")
         (tmp_path / folder / "talk.mov").write_bytes(b"")
     (tmp_path / "a" / "odd name (1).mkv").write_bytes(b"")
-    found = ds.find_videos([tmp_path / "a", tmp_path / "b"])
+    found = prepare.find_videos([tmp_path / "a", tmp_path / "b"])
     ids = [c.clip_id for c in found]
     assert len(set(ids)) == len(ids) == 5
     assert "a__odd_name_1" in ids and "a__x__talk_mp4" in ids and "b__x__talk_mov" in ids
-    assert [c.clip_id for c in ds.find_videos([tmp_path / "b", tmp_path / "a"])] == ids[3:] + ids[:3]
-    assert [c.clip_id for c in ds.find_videos([tmp_path / "a" / "x" / "talk.mp4"])] == ["talk"]
+    assert [c.clip_id for c in prepare.find_videos([tmp_path / "b", tmp_path / "a"])] == ids[3:] + ids[:3]
+    assert [c.clip_id for c in prepare.find_videos([tmp_path / "a" / "x" / "talk.mp4"])] == ["talk"]
     with pytest.raises(LmdiffInputError, match="does not exist"):
-        ds.find_videos([tmp_path / "missing"])
+        prepare.find_videos([tmp_path / "missing"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -420,27 +421,27 @@ def test_clip_ids_are_stable_and_unique(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 def test_load_index_errors(tmp_path):
     with pytest.raises(LmdiffInputError, match="does not exist"):
-        ds.load_index(tmp_path / "nothing")
+        store.load_index(tmp_path / "nothing")
     with pytest.raises(LmdiffInputError, match="no index.json"):
-        ds.load_index(tmp_path)
+        store.load_index(tmp_path)
     (tmp_path / "index.json").write_text("{not json")
     with pytest.raises(LmdiffInputError, match="not valid JSON"):
-        ds.load_index(tmp_path)
+        store.load_index(tmp_path)
     (tmp_path / "index.json").write_text('{"clips": []}')
     with pytest.raises(LmdiffInputError, match="not an lmdiff dataset"):
-        ds.load_index(tmp_path)
+        store.load_index(tmp_path)
     with pytest.raises(LmdiffInputError, match="is a file"):
-        ds.load_index(tmp_path / "index.json")
+        store.load_index(tmp_path / "index.json")
 
 
 def test_window_dataset(prepared):
     out = prepared["out"]
     window, prev, stride = 32, 8, 16
-    data = ds.A2LWindowDataset(out, split="all", window=window, prev_frames=prev, topology="ibug68")
-    lengths = {e["id"]: e["n_frames"] for e in ds.load_index(out)["clips"]}
+    data = a2l_dataset.A2LWindowDataset(out, split="all", window=window, prev_frames=prev, topology="ibug68")
+    lengths = {e["id"]: e["n_frames"] for e in store.load_index(out)["clips"]}
     expected = sum((t - window) // stride + 1 for t in lengths.values())
     assert len(data) == expected == len(data.windows)
-    stored = {c: ds.clip_arrays(out, c) for c in lengths}
+    stored = {c: store.clip_arrays(out, c) for c in lengths}
     for i in (0, 1, len(data) - 1):
         s = data[i]
         cid, start = s["clip_id"], s["start"]
@@ -466,8 +467,8 @@ def test_window_dataset(prepared):
     assert len(batch["clip_id"]) == 2 and batch["start"].tolist() == [0, stride]
 
     # random references: deterministic per index, from the same clip, outside the window
-    rand = ds.A2LWindowDataset(out, split="all", window=window, reference="random", seed=3, topology=None)
-    again = ds.A2LWindowDataset(out, split="all", window=window, reference="random", seed=3, topology=None)
+    rand = a2l_dataset.A2LWindowDataset(out, split="all", window=window, reference="random", seed=3, topology=None)
+    again = a2l_dataset.A2LWindowDataset(out, split="all", window=window, reference="random", seed=3, topology=None)
     refs = []
     for i in range(len(rand)):
         a, b = rand[i], again[i]
@@ -483,29 +484,29 @@ def test_window_dataset(prepared):
 def test_window_dataset_never_reads_crops(prepared, tmp_path):
     out = tmp_path / "no_crops"
     shutil.copytree(prepared["out"], out, ignore=shutil.ignore_patterns("*.crops.safetensors"))
-    data = ds.A2LWindowDataset(out, split="all", window=32)
+    data = a2l_dataset.A2LWindowDataset(out, split="all", window=32)
     assert len(data) > 0 and data[len(data) - 1]["audio"].shape == (32, 4, 1, 80)
 
 
 def test_window_dataset_skips_short_clips(prepared):
     out = prepared["out"]
-    lengths = {e["id"]: e["n_frames"] for e in ds.load_index(out)["clips"]}
+    lengths = {e["id"]: e["n_frames"] for e in store.load_index(out)["clips"]}
     window = sorted(lengths.values())[1]  # the shortest clip is shorter than this window
     with pytest.warns(UserWarning, match="shorter than the window"):
-        data = ds.A2LWindowDataset(out, split="all", window=window)
+        data = a2l_dataset.A2LWindowDataset(out, split="all", window=window)
     assert [c for c, _ in data.skipped] == [min(lengths, key=lengths.get)]
     assert len(data) == sum((t - window) // (window // 2) + 1 for t in lengths.values() if t >= window)
     with pytest.raises(LmdiffInputError, match="no window"):
         with pytest.warns(UserWarning):
-            ds.A2LWindowDataset(out, split="all", window=max(lengths.values()) + 1)
+            a2l_dataset.A2LWindowDataset(out, split="all", window=max(lengths.values()) + 1)
 
 
 def test_clip_sequence_and_motion_stats(prepared):
     out = prepared["out"]
-    seq = ds.clip_sequence(out, "macron_fr")
+    seq = store.clip_sequence(out, "macron_fr")
     assert seq.space == "canonical" and seq.topology == "mediapipe478" and len(seq) == 90
     assert seq.image_size == (512, 512) and seq.blendshapes.shape == (90, 52)
-    stats = ds.dataset_motion_stats(out, split="all")
+    stats = motion.dataset_motion_stats(out, split="all")
     assert sorted(stats["clips"]) == sorted(GOOD)
     assert stats["blendshape_indices"] == {"eyeBlinkLeft": 9, "eyeBlinkRight": 10}
     summary = stats["summary"]
@@ -530,12 +531,12 @@ def test_blink_runs():
     closure[43:45] = 0.6
     closure[100:160] = 0.8  # 2.4 s closed: not a blink
     shapes = np.zeros((200, 52), np.float32)
-    shapes[:, ds.EYE_BLINK_LEFT] = closure
-    shapes[:, ds.EYE_BLINK_RIGHT] = closure
-    blinks, long_closures = ds.blink_runs(shapes, fps)
+    shapes[:, motion.EYE_BLINK_LEFT] = closure
+    shapes[:, motion.EYE_BLINK_RIGHT] = closure
+    blinks, long_closures = motion.blink_runs(shapes, fps)
     assert blinks == [(10, 13), (40, 45)] and long_closures == [(100, 160)]
-    shapes[:, ds.EYE_BLINK_RIGHT] = 0.1  # one eye only (a wink at 0.7 -> mean 0.4): no blink
-    assert ds.blink_runs(shapes, fps)[0] == []
+    shapes[:, motion.EYE_BLINK_RIGHT] = 0.1  # one eye only (a wink at 0.7 -> mean 0.4): no blink
+    assert motion.blink_runs(shapes, fps)[0] == []
 
 
 def test_canonical_smoothing_keeps_head_motion_out_of_the_mouth(prepared, mediapipe_model):
@@ -551,14 +552,14 @@ def test_canonical_smoothing_keeps_head_motion_out_of_the_mouth(prepared, mediap
     raw = canonicalize(seq).points[:, lips, :2].mean(1)
     shift = {}
     for mode in ("canonical", "image"):
-        smoothed = ds.smooth_clip(seq, mode)
+        smoothed = smoothing.smooth_clip(seq, mode)
         shift[mode] = np.linalg.norm(smoothed.points[:, lips, :2].mean(1) - raw, axis=1) / CANONICAL_INTER_OCULAR
     assert shift["canonical"].mean() < 0.01 and shift["canonical"].max() < 0.03
     assert shift["image"].max() > 2 * shift["canonical"].max()
     # the pose is smoothed too: less frame-to-frame jitter than the raw fit, and no lasting offset
     from lmdiff_core.canonical import head_pose
 
-    raw_pose, smooth_pose = head_pose(canonicalize(seq)), head_pose(ds.smooth_clip(seq, "canonical"))
+    raw_pose, smooth_pose = head_pose(canonicalize(seq)), head_pose(smoothing.smooth_clip(seq, "canonical"))
     for axis in ("yaw", "pitch", "roll"):
         assert np.abs(np.diff(smooth_pose[axis], 2)).mean() < 0.5 * np.abs(np.diff(raw_pose[axis], 2)).mean()
         assert abs(np.mean(smooth_pose[axis] - raw_pose[axis])) < 0.5
@@ -569,20 +570,20 @@ def test_prepare_refuses_bad_arguments(prepared, mediapipe_model, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(LmdiffInputError, match="no video files"):
-        ds.prepare_dataset([empty], tmp_path / "out", factory)
+        prepare.prepare_dataset([empty], tmp_path / "out", factory)
     with pytest.raises(LmdiffInputError, match="val_fraction"):
-        ds.prepare_dataset(prepared["sources"], tmp_path / "out", factory, val_fraction=1.5)
+        prepare.prepare_dataset(prepared["sources"], tmp_path / "out", factory, val_fraction=1.5)
     with pytest.raises(LmdiffInputError, match="smooth"):
-        ds.prepare_dataset(prepared["sources"], tmp_path / "out", factory, smooth="fast")
+        prepare.prepare_dataset(prepared["sources"], tmp_path / "out", factory, smooth="fast")
     # one run per dataset folder at a time
     out = tmp_path / "locked"
     out.mkdir()
-    held = ds._lock_folder(out)
+    held = prepare._lock_folder(out)
     try:
         with pytest.raises(LmdiffInputError, match="another"):
-            ds.prepare_dataset(prepared["sources"], out, factory)
+            prepare.prepare_dataset(prepared["sources"], out, factory)
     finally:
-        ds._unlock_folder(held)
+        prepare._unlock_folder(held)
     assert factory.calls == 0
 
 
@@ -591,16 +592,44 @@ def test_refeature_dataset_recomputes_features_from_the_stored_audio(prepared, t
     stored audio (computed here independently), and an existing copy is never overwritten."""
     src, out = prepared["out"], tmp_path / "refeatured"
     extractor = LogMelFeatures(n_mels=40, sub_frames=2)
-    ds.refeature_dataset(src, out, extractor)
-    before, after = ds.load_index(src), ds.load_index(out)
+    prepare.refeature_dataset(src, out, extractor)
+    before, after = store.load_index(src), store.load_index(out)
     assert after["features"]["n_mels"] == 40 and after["crop_size"] == 0
     assert [(c["id"], c["split"], c["n_frames"]) for c in after["clips"]] == [
         (c["id"], c["split"], c["n_frames"]) for c in before["clips"]
     ]
     for clip in before["clips"]:
-        old, new = ds.clip_arrays(src, clip["id"]), ds.clip_arrays(out, clip["id"])
+        old, new = store.clip_arrays(src, clip["id"]), store.clip_arrays(out, clip["id"])
         np.testing.assert_array_equal(new["points"], old["points"])
         assert new["features"].shape == (clip["n_frames"], 2, 1, 40)
         np.testing.assert_allclose(new["features"], extractor(old["audio"], clip["n_frames"]), atol=1e-5)
     with pytest.raises(LmdiffInputError, match="already holds a dataset"):
-        ds.refeature_dataset(src, out, extractor)
+        prepare.refeature_dataset(src, out, extractor)
+
+
+def test_training_and_inference_landmarks_come_from_one_smoothing(prepared, mediapipe_model, tmp_path, monkeypatch):
+    """The landmarks `lmdiff prepare` stores (the crops and the L2V conditions follow them, A2L trains on their
+    canonical form) and those the talking-head pipeline derives from a video at inference are the same function of
+    the detections (`smoothing.smooth_detections`): given the same detections of a real clip, the pipeline's
+    landmarks are the stored ones put back into the frames, to float precision, while the former inference order
+    (image-space smoothing) is measurably off."""
+    from lmdiff_core import detectors
+    from lmdiff_core.canonical import uncanonicalize
+    from lmdiff_core.detectors import extract_landmarks
+    from lmdiff_core.pipelines import talking_head
+
+    entry = next(e for e in store.load_index(prepared["out"])["clips"] if e["id"] == "macron_fr")
+    video = Path(entry["source"])
+    with load_landmarker("mediapipe", mediapipe_model) as lm:
+        raw = extract_landmarks(iter_frames(video, FPS), lm, FPS, max_gap=12)
+    # both paths get these very detections (MediaPipe is not bit-reproducible from run to run)
+    monkeypatch.setattr(detectors, "extract_landmarks", lambda *args, **kwargs: raw)
+    monkeypatch.setattr(talking_head, "extract_landmarks", lambda *args, **kwargs: raw)
+    prepare.prepare_dataset([video], tmp_path / "out", CountingFactory(mediapipe_model), crop_size=0)
+    stored = uncanonicalize(store.clip_sequence(tmp_path / "out", "macron_fr")).points[..., :2]
+    inference = talking_head._video_landmarks(video, None, FPS, "macron_fr", max_gap=12).points[..., :2]
+    assert inference.shape == stored.shape == raw.points[..., :2].shape
+    iod = float(np.median(raw.inter_ocular()))
+    assert np.abs(inference - stored).max() / iod < 1e-4
+    image_order = smoothing.smooth_landmarks(raw).points[..., :2]
+    assert np.abs(image_order - stored).max() / iod > 3e-3

@@ -200,3 +200,24 @@ def test_dub_landmarks_in_chunks_equals_one_pass(talking):
     upper = get_topology("ibug68").part_indices("left_eye")
     np.testing.assert_allclose(whole.points[:, upper, :2], source.to_topology("ibug68").points[:, upper, :2], atol=0.5)
     assert len(whole) == len(source)
+
+
+def test_pose_from_is_the_face_transfer_of_a_driving_video(talking, portrait):
+    """`pose_from` (the CLI's --pose-from and the A2L node's pose input) poses canonical landmarks like a driving video
+    looped to their length: the same image-space face as `transfer_pose(..., "face", "loop")`, and head angles that
+    follow the driving clip frame by frame."""
+    from lmdiff_core.canonical import uncanonicalize
+    from lmdiff_core.editing import pose_from
+
+    speaker = canonicalize(portrait).to_topology("ibug68")
+    still = speaker[np.zeros(100, dtype=int)].replace(fps=25.0)  # 100 frames: longer than the 75 driving frames
+    posed = pose_from(still, talking)
+    assert posed.space == "canonical" and len(posed) == 100 and posed.image_size == talking.frame_size
+    np.testing.assert_allclose(
+        uncanonicalize(posed).points, transfer_pose(still, talking, "face", "loop").points, atol=1e-3
+    )
+    driving = _angles(talking)
+    np.testing.assert_allclose(_angles(uncanonicalize(posed).to_topology("ibug68"))[:75], driving, atol=1.5)
+    np.testing.assert_allclose(_angles(uncanonicalize(posed))[75:], driving[:25], atol=1.5)  # looped, not mirrored
+    with pytest.raises(LmdiffInputError, match="canonical"):
+        pose_from(talking, talking)

@@ -1,4 +1,4 @@
-"""Tests for lmdiff_core.l2v_data on a small dataset prepared here from a real clip with real MediaPipe landmarks.
+"""Tests for lmdiff_core.conditioning and data.l2v_dataset on a small dataset prepared here from a real clip with real MediaPipe landmarks.
 
 Expected values come from independent computations: the frame -> crop matrices applied by hand to the stored pose
 and points, a separate MediaPipe detection (IMAGE mode) on the stored crops, point-to-segment distances computed
@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from lmdiff_core import dataset as ds
-from lmdiff_core import l2v_data as l2v
+from lmdiff_core.data import prepare, store
+from lmdiff_core.data.l2v_dataset import L2VFrameDataset
+from lmdiff_core import conditioning as l2v
+from lmdiff_core import masks
 from lmdiff_core.canonical import apply_transform
 from lmdiff_core.crop import CropTrack, face_masks, transform_landmarks
 from lmdiff_core.errors import LmdiffInputError
@@ -46,12 +48,12 @@ def prepared(tmp_path_factory, mediapipe_model):
     n = frame_count(SECONDS, FPS)
     write_video(src, np.stack(list(iter_frames(mp4, FPS, max_frames=n))), FPS, audio=read_audio(mp4)[: n * 640])
     out = root / "out"
-    report = ds.prepare_dataset(
+    report = prepare.prepare_dataset(
         [src], out, lambda: load_landmarker("mediapipe", mediapipe_model), crop_size=CROP, min_seconds=1.0
     )
     assert report.done == [CLIP], report.summary()
-    crops, matrices = ds.load_crops(out, CLIP)
-    seq = ds.clip_sequence(out, CLIP)
+    crops, matrices = store.load_crops(out, CLIP)
+    seq = store.clip_sequence(out, CLIP)
     return {"out": out, "n": n, "crops": crops, "matrices": matrices, "seq": seq, "root": root}
 
 
@@ -149,7 +151,7 @@ def test_crop_landmarks_match_the_matrices_and_the_faces_in_the_crops(prepared, 
 def test_pose_mask_hides_every_mouth_of_the_clip_and_keeps_the_eyes(prepared, crop_seq):
     crops = torch.from_numpy(prepared["crops"]).float() / 255.0
     masked, mask = l2v.pose_reference(crops, crop_seq)
-    hard = l2v.pose_mask(crop_seq, CROP)
+    hard = masks.pose_mask(crop_seq, CROP)
     assert masked.shape == crops.shape and mask.shape == (len(crops), 1, CROP, CROP)
     assert masked.dtype == torch.float32 and mask.dtype == torch.float32
     assert float(mask.min()) >= 0 and float(mask.max()) <= 1
@@ -193,7 +195,7 @@ def test_pose_mask_does_not_follow_the_jaw(prepared, crop_seq):
     moved[0, below, :2] += 0.3 * np.linalg.norm(eye) * down
     opened = one.replace(points=moved)
     assert opened.mouth_opening()[0] > one.mouth_opening()[0] + 0.2
-    before, after = l2v.pose_mask(one, CROP), l2v.pose_mask(opened, CROP)
+    before, after = masks.pose_mask(one, CROP), masks.pose_mask(opened, CROP)
     assert np.all(_at(after[0, 0], moved[0, LIPS, :2]) == 1)  # the opened mouth is hidden too
     iou = float((before * after).sum() / ((before + after) > 0).sum())
     assert iou > 0.995
@@ -202,7 +204,7 @@ def test_pose_mask_does_not_follow_the_jaw(prepared, crop_seq):
 
 
 def test_pose_mask_at_another_resolution_ibug68_and_invalid_frames(crop_seq):
-    small = l2v.pose_mask(crop_seq[:4], 48)
+    small = masks.pose_mask(crop_seq[:4], 48)
     assert small.shape == (4, 1, 48, 48)
     xy = crop_seq.points[:4, :, :2] * 48 / CROP  # the 96 px landmarks serve a 48 px mask
     for t in range(4):
@@ -210,13 +212,13 @@ def test_pose_mask_at_another_resolution_ibug68_and_invalid_frames(crop_seq):
     ibug = crop_seq[:4].to_topology("ibug68")  # the other topology: same region
     ib = get_topology("ibug68")
     lips68 = np.concatenate([ib.part_indices("outer_lips"), ib.part_indices("inner_lips")])
-    m68, m478 = l2v.pose_mask(ibug, CROP), l2v.pose_mask(crop_seq[:4], CROP)
+    m68, m478 = masks.pose_mask(ibug, CROP), masks.pose_mask(crop_seq[:4], CROP)
     for t in range(4):
         assert np.all(_at(m68[t, 0], ibug.points[t, lips68, :2]) == 1)
-        assert np.all(_at(l2v.mouth_weight_mask(ibug[t], CROP)[0, 0], ibug.points[t, lips68, :2]) == 1)
+        assert np.all(_at(masks.mouth_weight_mask(ibug[t], CROP)[0, 0], ibug.points[t, lips68, :2]) == 1)
     assert float((m68 * m478).sum() / ((m68 + m478) > 0).sum()) > 0.85
     invalid = crop_seq[:2].replace(valid=np.array([True, False]))
-    m = l2v.pose_mask(invalid, CROP)
+    m = masks.pose_mask(invalid, CROP)
     assert m[0].sum() > 0 and m[1].sum() == 0
 
 
@@ -269,9 +271,9 @@ def test_render_condition_draws_each_part_on_its_landmarks(crop_seq, topology):
 
 
 def test_mouth_weight_mask(crop_seq):
-    m = l2v.mouth_weight_mask(crop_seq, CROP)
+    m = masks.mouth_weight_mask(crop_seq, CROP)
     assert m.shape == (len(crop_seq), 1, CROP, CROP) and set(torch.unique(m).tolist()) <= {0.0, 1.0}
-    hard = l2v.pose_mask(crop_seq, CROP)
+    hard = masks.pose_mask(crop_seq, CROP)
     for t in range(0, len(crop_seq), 7):
         xy = crop_seq.points[t, :, :2]
         assert np.all(_at(m[t, 0], xy[LIPS]) == 1) and np.all(_at(m[t, 0], xy[EYES]) == 0)
@@ -285,7 +287,7 @@ def test_mouth_weight_mask(crop_seq):
 # ======================================================================================================================
 def test_dataset_items(prepared, crop_seq):
     out, n = prepared["out"], prepared["n"]
-    data = l2v.L2VFrameDataset(out, split="all", window=3, identity_gap=8, seed=1)
+    data = L2VFrameDataset(out, split="all", window=3, identity_gap=8, seed=1)
     assert len(data) == n - 2 and data.items[:2] == [(CLIP, 0), (CLIP, 1)]  # stride 1 = max(1, 3 // 2)
     for i in (0, 17, len(data) - 1):
         item = data[i]
@@ -300,7 +302,7 @@ def test_dataset_items(prepared, crop_seq):
         assert torch.equal(item["condition"], l2v.render_condition(window_seq, CROP))
         masked, mask = l2v.pose_reference(want, window_seq)
         assert torch.equal(item["pose_reference"], masked) and torch.equal(item["pose_mask"], mask)
-        assert torch.equal(item["mouth_mask"], l2v.mouth_weight_mask(window_seq, CROP))
+        assert torch.equal(item["mouth_mask"], masks.mouth_weight_mask(window_seq, CROP))
         ident = item["identity_frame"]
         assert min(abs(ident - f) for f in range(start, start + 3)) >= 8
         assert torch.equal(item["identity"], torch.from_numpy(prepared["crops"][ident]).float() / 255.0)
@@ -310,22 +312,22 @@ def test_dataset_items(prepared, crop_seq):
     assert batch["clip"] == [CLIP, CLIP] and batch["start"].tolist() == [0, 1]
 
     # window 1 (the default) at a smaller training size: resized crops, landmarks scaled with them
-    small = l2v.L2VFrameDataset(out, split="all", identity_gap=8, size=48)
+    small = L2VFrameDataset(out, split="all", identity_gap=8, size=48)
     assert len(small) == n
     item = small[5]
     assert item["target"].shape == (1, 3, 48, 48) and item["identity"].shape == (3, 48, 48)
     full = torch.from_numpy(prepared["crops"][5:6]).float() / 255.0
     want = torch.nn.functional.interpolate(full, size=(48, 48), mode="bilinear", antialias=True)
     assert torch.allclose(item["target"], want, atol=1e-6)
-    assert torch.equal(item["mouth_mask"], l2v.mouth_weight_mask(crop_seq[5], 48))
+    assert torch.equal(item["mouth_mask"], masks.mouth_weight_mask(crop_seq[5], 48))
     assert np.all(_at(item["pose_mask"][0, 0], crop_seq.points[5, LIPS, :2] * 0.5) == 1)
 
 
 def test_dataset_identity_frames_are_seeded_per_epoch(prepared):
     out, n = prepared["out"], prepared["n"]
     gap = 10
-    a = l2v.L2VFrameDataset(out, split="all", identity_gap=gap, seed=3)
-    b = l2v.L2VFrameDataset(out, split="all", identity_gap=gap, seed=3)
+    a = L2VFrameDataset(out, split="all", identity_gap=gap, seed=3)
+    b = L2VFrameDataset(out, split="all", identity_gap=gap, seed=3)
     first = [a.identity_frame(i) for i in range(len(a))]
     assert first == [b.identity_frame(i) for i in range(len(b))]
     for i, f in enumerate(first):
@@ -338,7 +340,7 @@ def test_dataset_identity_frames_are_seeded_per_epoch(prepared):
     assert all(abs(f - a.items[i][1]) >= gap for i, f in enumerate(second))
     a.set_epoch(0)
     assert [a.identity_frame(i) for i in range(len(a))] == first
-    other = l2v.L2VFrameDataset(out, split="all", identity_gap=gap, seed=4)
+    other = L2VFrameDataset(out, split="all", identity_gap=gap, seed=4)
     assert [other.identity_frame(i) for i in range(len(other))] != first
     assert a[7]["identity_frame"] == first[7]
 
@@ -346,8 +348,8 @@ def test_dataset_identity_frames_are_seeded_per_epoch(prepared):
 def test_dataset_frame_ranges(prepared):
     out, n = prepared["out"], prepared["n"]
     cut = int(round(0.7 * n))
-    train = l2v.L2VFrameDataset(out, split="all", clips=[CLIP], frames=(0.0, 0.7), window=2, identity_gap=4)
-    test = l2v.L2VFrameDataset(out, split="all", clips=[CLIP], frames=(0.7, 1.0), window=2, identity_gap=4)
+    train = L2VFrameDataset(out, split="all", clips=[CLIP], frames=(0.0, 0.7), window=2, identity_gap=4)
+    test = L2VFrameDataset(out, split="all", clips=[CLIP], frames=(0.7, 1.0), window=2, identity_gap=4)
     assert train.ranges == [(0, cut)] and test.ranges == [(cut, n)]
     for data, lo, hi in ((train, 0, cut), (test, cut, n)):
         starts = [s for _, s in data.items]
@@ -357,7 +359,7 @@ def test_dataset_frame_ranges(prepared):
             for i, s in enumerate(starts):
                 f = data.identity_frame(i)
                 assert lo <= f < hi and min(abs(f - s), abs(f - s - 1)) >= 4
-    ints = l2v.L2VFrameDataset(out, split="all", frames=(10, 30), window=4, identity_gap=5, stride=4)
+    ints = L2VFrameDataset(out, split="all", frames=(10, 30), window=4, identity_gap=5, stride=4)
     assert ints.ranges == [(10, 30)] and [s for _, s in ints.items] == [10, 14, 18, 22, 26]
     assert all(10 <= ints.identity_frame(i) < 30 for i in range(len(ints)))
     item = ints[1]
@@ -365,11 +367,11 @@ def test_dataset_frame_ranges(prepared):
         item["target"], torch.from_numpy(prepared["crops"][14:18]).float() / 255.0
     )
     # a stop past the end is the clip's end
-    assert l2v.L2VFrameDataset(out, split="all", frames=(40, 1000), identity_gap=2).ranges == [(40, n)]
+    assert L2VFrameDataset(out, split="all", frames=(40, 1000), identity_gap=2).ranges == [(40, n)]
     # a short range leaves out the windows that have no identity frame far enough
-    tight = l2v.L2VFrameDataset(out, split="all", frames=(0, 12), identity_gap=6)
+    tight = L2VFrameDataset(out, split="all", frames=(0, 12), identity_gap=6)
     assert [s for _, s in tight.items] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
-    tighter = l2v.L2VFrameDataset(out, split="all", frames=(0, 10), identity_gap=6)
+    tighter = L2VFrameDataset(out, split="all", frames=(0, 10), identity_gap=6)
     assert [s for _, s in tighter.items] == [0, 1, 2, 3, 6, 7, 8, 9]
 
 
@@ -389,27 +391,27 @@ def test_bad_inputs(prepared, crop_seq, tmp_path):
     out, n = prepared["out"], prepared["n"]
     no_crops = _without_crops(prepared, tmp_path / "no_crops")
     with pytest.raises(LmdiffInputError, match="without crops"):
-        l2v.L2VFrameDataset(no_crops, split="all")
+        L2VFrameDataset(no_crops, split="all")
     with pytest.raises(LmdiffInputError, match="has no clip 'nobody'.*edtalk_woman_en"):
-        l2v.L2VFrameDataset(out, split="all", clips=["nobody"])
-    split = ds.load_index(out)["clips"][0]["split"]
+        L2VFrameDataset(out, split="all", clips=["nobody"])
+    split = store.load_index(out)["clips"][0]["split"]
     other = "val" if split == "train" else "train"
     with pytest.raises(LmdiffInputError, match=f"is in split '{split}', not '{other}'"):
-        l2v.L2VFrameDataset(out, split=other, clips=[CLIP])
+        L2VFrameDataset(out, split=other, clips=[CLIP])
     with pytest.raises(LmdiffInputError, match="shorter than the window of 8"):
-        l2v.L2VFrameDataset(out, split="all", clips=[CLIP], frames=(0, 5), window=8)
+        L2VFrameDataset(out, split="all", clips=[CLIP], frames=(0, 5), window=8)
     with pytest.warns(UserWarning, match="left out"), pytest.raises(LmdiffInputError, match="no window of 60"):
-        l2v.L2VFrameDataset(out, split="all", window=n + 12)
+        L2VFrameDataset(out, split="all", window=n + 12)
     with pytest.raises(LmdiffInputError, match="identity_gap"):
-        l2v.L2VFrameDataset(out, split="all", clips=[CLIP], identity_gap=n)
+        L2VFrameDataset(out, split="all", clips=[CLIP], identity_gap=n)
     for frames in ((5, 2), (0.5, 1.5), (-1, 4), (n, n + 5), "all"):
         with pytest.raises(LmdiffInputError, match="frames"):
-            l2v.L2VFrameDataset(out, split="all", frames=frames)
+            L2VFrameDataset(out, split="all", frames=frames)
     for kwargs in ({"window": 0}, {"identity_gap": -1}, {"size": 4}, {"split": "test"}, {"stride": 0}):
         with pytest.raises(LmdiffInputError):
-            l2v.L2VFrameDataset(out, **kwargs)
+            L2VFrameDataset(out, **kwargs)
     with pytest.raises(LmdiffInputError, match="does not exist"):
-        l2v.L2VFrameDataset(tmp_path / "nowhere")
+        L2VFrameDataset(tmp_path / "nowhere")
     with pytest.raises(LmdiffInputError, match="crops must be"):
         l2v.pose_reference(torch.zeros(2, 3, 8, 9), crop_seq[:2])
     with pytest.raises(LmdiffInputError, match="2 crops for 3 landmark frames"):
@@ -417,4 +419,4 @@ def test_bad_inputs(prepared, crop_seq, tmp_path):
     with pytest.raises(LmdiffInputError, match="matrices"):
         l2v.crop_landmarks(prepared["seq"], prepared["matrices"][:3], CROP)
     with pytest.raises(LmdiffInputError, match="crop-space"):
-        l2v.mouth_weight_mask(prepared["seq"], CROP)
+        masks.mouth_weight_mask(prepared["seq"], CROP)

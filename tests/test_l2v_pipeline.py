@@ -7,7 +7,8 @@ import torch
 from lmdiff_core.autoencoders import load_autoencoder
 from lmdiff_core.canonical import uncanonicalize
 from lmdiff_core.cli import main
-from lmdiff_core.dataset import clip_sequence, prepare_dataset
+from lmdiff_core.data.prepare import prepare_dataset
+from lmdiff_core.data.store import clip_sequence
 from lmdiff_core.detectors import detect_image, load_landmarker
 from lmdiff_core.errors import LmdiffInputError
 from lmdiff_core.media import frame_count, iter_frames, read_audio, read_image, read_video, write_video

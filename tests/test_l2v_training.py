@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from lmdiff_core.autoencoders import load_autoencoder
-from lmdiff_core.dataset import prepare_dataset
+from lmdiff_core.data.prepare import prepare_dataset
 from lmdiff_core.detectors import load_landmarker
-from lmdiff_core.l2v_data import L2VFrameDataset
+from lmdiff_core.data.l2v_dataset import L2VFrameDataset
 from lmdiff_core.pipelines.l2v import LandmarkToVideoPipeline, sample_window
 
 from .conftest import shared_path

@@ -44,17 +44,40 @@ def test_psnr_identity_known_noise_and_mask(clip):
     assert metrics.psnr(inside, truth, 1 - mask) == math.inf
 
 
-def test_ssim_matches_skimage_and_is_symmetric(clip):
+def test_ssim_is_wang_et_al_as_skimage_computes_it(clip):
+    """The SSIM of the published tables: skimage's structural_similarity with Wang et al.'s Gaussian window, per frame
+    and averaged over frames (inside a mask: the masked mean of skimage's full SSIM map, border pixels cropped)."""
     frames, _ = clip
-    a, b = frames[0], frames[12]
-    assert metrics.ssim(frames[:1], frames[:1]) == pytest.approx(1.0, abs=1e-6)
-    ours = metrics.ssim(a[None], b[None])
-    assert ours == pytest.approx(metrics.ssim(b[None], a[None]), abs=1e-6)
-    reference = structural_similarity(
-        a, b, channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255
-    )
-    assert ours == pytest.approx(reference, abs=0.01)
+    a, b = frames[[0, 5]], frames[[12, 20]]
+    assert metrics.ssim(frames[:1], frames[:1]) == pytest.approx(1.0, abs=1e-9)
+    ours = metrics.ssim(a, b)
+    assert ours == pytest.approx(metrics.ssim(b, a), abs=1e-9)
+    options = dict(channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255)
+    reference = [structural_similarity(x, y, **options) for x, y in zip(a, b)]
+    assert ours == pytest.approx(np.mean(reference), abs=1e-6)
     assert ours < 0.999
+    _, full = structural_similarity(a[0], b[0], full=True, **options)
+    mask = torch.zeros(1, 1, *a.shape[1:3])
+    mask[..., 100:300, 150:350] = 1
+    want = full.mean(axis=-1)[100:300, 150:350].mean()
+    assert metrics.ssim(a[:1], b[:1], mask) == pytest.approx(want, abs=1e-6)
+
+
+def test_mean_psnr_averages_frames_and_differs_from_the_pooled_psnr(clip):
+    frames, _ = clip
+    truth = frames[:6]
+    rng = np.random.default_rng(1)
+    noise = rng.normal(0, 1, truth.shape) * np.array([2, 4, 8, 16, 32, 3])[:, None, None, None]
+    noisy = np.clip(truth + noise, 0, 255).round().astype(np.uint8)
+    per_frame = [peak_signal_noise_ratio(t, x, data_range=255) for t, x in zip(truth, noisy)]
+    np.testing.assert_allclose(metrics.frame_psnr(noisy, truth), per_frame, atol=1e-6)
+    assert metrics.mean_psnr(noisy, truth) == pytest.approx(np.mean(per_frame), abs=1e-6)
+    pooled = peak_signal_noise_ratio(truth, noisy, data_range=255)  # skimage pools the MSE of the whole array
+    assert metrics.psnr(noisy, truth) == pytest.approx(pooled, abs=1e-4)
+    assert metrics.mean_psnr(noisy, truth) - pooled > 1.0  # unequal noise: the two conventions differ by dBs
+    noisy[2] = truth[2]  # an identical frame has an infinite PSNR and is left out of the mean
+    assert metrics.mean_psnr(noisy, truth) == pytest.approx(np.mean(per_frame[:2] + per_frame[3:]), abs=1e-6)
+    assert metrics.mean_psnr(truth, truth) == math.inf
 
 
 def test_landmark_distance_zero_shift_and_scale(clip):

@@ -208,7 +208,7 @@ def test_node_choices_match_the_core(comfy):
     l2v, a2l = comfy.core("pipelines.l2v"), comfy.core("pipelines.a2l")
     assert set(l2v_nodes.L2V_SAMPLERS) <= set(comfy.core("pipelines.schedulers").SAMPLERS)
     assert l2v_nodes.L2V_MODES == l2v.MODES
-    assert l2v_nodes.PASTE_MASKS[:-1] == comfy.core("crop").MASK_NAMES
+    assert l2v_nodes.PASTE_MASKS[:-1] == comfy.core("masks").MASK_NAMES
     assert landmark_nodes.RENDER_STYLES == comfy.core("render").STYLES
     assert edit_nodes.TRANSFER_PARTS == comfy.core("editing").TRANSFER_PARTS
     assert models.MARKERS == {models.A2L: a2l.CHECKPOINT_INFO, models.L2V: l2v.CHECKPOINT_INFO}

@@ -25,7 +25,9 @@ from checkpoint import TrainingState, publish_folder
 from trainer_common import global_random, load_config, resume_checkpoint, run_training_steps, start_run
 
 from lmdiff_core.audio_features import load_feature_extractor
-from lmdiff_core.dataset import A2LWindowDataset, clip_arrays, dataset_motion_stats, load_index
+from lmdiff_core.data.a2l_dataset import A2LWindowDataset
+from lmdiff_core.data.store import clip_arrays, load_index
+from lmdiff_core.motion import dataset_motion_stats
 from lmdiff_core.errors import LmdiffInputError
 from lmdiff_core.models import A2LLSTM, A2LDiffusion
 from lmdiff_core.motion import MotionStats

@@ -29,7 +29,7 @@ from trainer_common import global_random, load_config, resume_checkpoint, run_tr
 
 from lmdiff_core.autoencoders import load_autoencoder
 from lmdiff_core.errors import LmdiffInputError
-from lmdiff_core.l2v_data import L2VFrameDataset
+from lmdiff_core.data.l2v_dataset import L2VFrameDataset
 from lmdiff_core.models import L2VUNet
 from lmdiff_core.pipelines.l2v import LandmarkToVideoPipeline, sample_window
 from lmdiff_core.pipelines.schedulers import make_scheduler

@@ -4,7 +4,6 @@ resumption, and the optimisation loop."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 import yaml
 from checkpoint import TrainingState, latest_checkpoint, remove_leftovers
 
+from lmdiff_core.atomic import atomic_write
 from lmdiff_core.errors import LmdiffInputError
 
 
@@ -79,9 +79,8 @@ def trim_metrics(path: Path, step: int) -> None:
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             continue
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(kept))
-    os.replace(partial, path)
+    with atomic_write(path) as partial:
+        partial.write_text("".join(kept))
 
 
 def run_training_steps(

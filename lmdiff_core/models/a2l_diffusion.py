@@ -1,4 +1,5 @@
-"""A2LDiffusion: the denoiser of paper 003's AToM-Net, a transformer diffusion model over landmark sequences.
+"""A2LDiffusion: the denoiser of AToM-Net, a transformer diffusion model over landmark sequences, from "Dual diffusion
+model for one-shot high-fidelity talking head generation" (published as MoDiTalker, arXiv 2403.19144).
 
 Tensors (model units, `lmdiff_core.canonical.to_model_units`):
     sample     [B, T, N, 3]     noisy displacement from the reference, scaled: `landmarks_to_sample`

@@ -1,4 +1,4 @@
-"""A2LLSTM: audio features -> canonical landmarks with an LSTM regressor (paper 000's A2L stage).
+"""A2LLSTM: audio features -> canonical landmarks with an LSTM regressor (A2L stage of "Landmark-guided Diffusion Model for High-fidelity and Temporally Coherent Talking Head Generation" (arXiv 2408.01732)).
 
 Tensors (model units, `lmdiff_core.canonical.to_model_units`):
     audio      [B, T, k, L, D]  T video frames at 25 fps, k sub-frames per frame, L encoder layers, D features

@@ -3,7 +3,7 @@
 Tensors (N = batch x frames; C latent channels of the autoencoder; h x w latent, H x W = h x w x downscale pixels):
     sample          [N, C, h, w]    noisy latent of the target face crop
     timestep        [N] or scalar   diffusion timestep in [0, num_train_timesteps)
-    condition       [N, 3, H, W]    rendered landmarks of the target frame (`l2v_data.render_condition`), in [0, 1]
+    condition       [N, 3, H, W]    rendered landmarks of the target frame (`conditioning.render_condition`), in [0, 1]
     pose_reference  [N, C, h, w]    latent of the pose reference (dubbing: the target crop, lower face greyed out;
                                     one-shot: the portrait crop)
     pose_mask       [N, 1, H', W']  1 where the U-Net must generate (any resolution; averaged down to h x w)

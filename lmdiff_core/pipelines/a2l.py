@@ -32,7 +32,8 @@ from ..landmarks import LandmarkSequence
 from ..media import frame_count
 from ..models import A2LLSTM, A2LDiffusion
 from ..motion import MotionStats
-from .schedulers import make_scheduler
+from .sampling import denoise, with_cfg
+from .schedulers import load_scheduler, make_scheduler
 
 CHECKPOINT_INFO = "lmdiff_a2l.json"
 SILENCE_BELOW_LOUD_DB = 40.0  # frames this far below the clip's loud frames are silent
@@ -138,11 +139,7 @@ class AudioToLandmarksPipeline:
             model = classes[info["model_class"]].from_pretrained(folder, torch_dtype=dtype).to(device)
         except (ValueError, OSError) as exc:
             raise LmdiffInputError(f"{folder}: cannot load the A2L model: {exc}") from None
-        scheduler = None
-        if (folder / "scheduler").is_dir():
-            from diffusers import DDIMScheduler
-
-            scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+        scheduler = load_scheduler(folder / "scheduler", model) if (folder / "scheduler").is_dir() else None
         return cls(
             model,
             load_feature_extractor(info["audio_features"]),
@@ -174,6 +171,7 @@ class AudioToLandmarksPipeline:
         overlap: int | None = None,
         progress: Callable[[int, int], None] | None = None,
         rest: LandmarkSequence | None = None,
+        on_step: Callable[[], None] | None = None,
     ) -> LandmarkSequence:
         """Canonical landmarks for `audio` (array at 16 kHz, ComfyUI AUDIO dict or path), one per 1/fps: the mean
         prediction over the `reference` frames (see `speaker_references`); silence pulls to `rest` (as
@@ -202,6 +200,7 @@ class AudioToLandmarksPipeline:
             overlap=overlap,
             progress=progress,
             rest=rest,
+            on_step=on_step,
         )
 
     @torch.no_grad()
@@ -217,9 +216,13 @@ class AudioToLandmarksPipeline:
         overlap: int | None = None,
         progress: Callable[[int, int], None] | None = None,
         rest: LandmarkSequence | None = None,
+        on_step: Callable[[], None] | None = None,
     ) -> LandmarkSequence:
         """Landmarks from precomputed audio features [T, k, L, D]: the mean of one prediction per `reference` frame;
-        `silence` [T] pulls frames to `rest` (one frame; default the first reference frame)."""
+        `silence` [T] pulls frames to `rest` (one frame; default the first reference frame).
+
+        `progress(done, total)` after each window; `on_step()` after each denoising step of the diffusion model (a
+        Cancel raises there)."""
         n = len(features)
         refs = self.reference_points(reference)
         window = window or self.window
@@ -230,7 +233,9 @@ class AudioToLandmarksPipeline:
         out = np.zeros((n, refs.shape[1], 3), dtype=np.float32)
         for r, ref in enumerate(refs):
             report = None if progress is None else (lambda done, total, r=r: progress(r * total + done, len(refs) * total))
-            out += self._windows(features, ref, window, overlap, num_inference_steps, guidance_scale, seed, report)
+            out += self._windows(
+                features, ref, window, overlap, num_inference_steps, guidance_scale, seed, report, on_step
+            )
         out /= len(refs)
         if silence is not None:
             still = refs[0] if rest is None else self.reference_points(rest)[0]
@@ -248,7 +253,7 @@ class AudioToLandmarksPipeline:
             image_size=image_size,
         )
 
-    def _windows(self, features, ref, window, overlap, steps, guidance_scale, seed, progress) -> np.ndarray:
+    def _windows(self, features, ref, window, overlap, steps, guidance_scale, seed, progress, on_step) -> np.ndarray:
         """[T, N, 3] model-unit landmarks for features [T, k, L, D] and one reference [N, 3], window by window."""
         n = len(features)
         param = next(self.model.parameters())
@@ -262,7 +267,7 @@ class AudioToLandmarksPipeline:
             if self.is_diffusion:
                 prev_start = max(0, start - self.model.config.prev_frames)
                 prev = None if start == 0 else torch.from_numpy(out[prev_start:start])
-                block = self._denoise(audio_t, ref_t, prev, steps, guidance_scale, generator, param)
+                block = self._denoise(audio_t, ref_t, prev, steps, guidance_scale, generator, param, on_step)
             else:
                 block = self.model(audio_t, ref_t)[0].float().cpu().numpy()
             fade = min(done - start, len(block))
@@ -276,28 +281,21 @@ class AudioToLandmarksPipeline:
                 progress(done, n)
         return out
 
-    def _denoise(self, audio, reference, prev, steps, guidance_scale, generator, param) -> np.ndarray:
-        model, scheduler = self.model, self.scheduler
+    def _denoise(self, audio, reference, prev, steps, guidance_scale, generator, param, on_step=None) -> np.ndarray:
+        """One window of landmarks [W, N, 3] (model units) by `sampling.denoise`, guided on the audio."""
+        model = self.model
         shape = (1, audio.shape[1], reference.shape[1], 3)
-        sample = torch.randn(shape, generator=generator).to(param)
+        noise = torch.randn(shape, generator=generator).to(param)
         prev = None if prev is None else prev.to(param)[None]
-        guided = guidance_scale != 1.0
-        scheduler.set_timesteps(steps)
-        sample = sample * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            model_in = scheduler.scale_model_input(sample, t)
-            if guided:
-                output = model(
-                    model_in.repeat(2, 1, 1, 1),
-                    t,
-                    audio.repeat(2, 1, 1, 1, 1),
-                    reference.repeat(2, 1, 1),
-                    None if prev is None else prev.repeat(2, 1, 1, 1),
-                    audio_mask=torch.tensor([True, False]),
-                )
-                cond, uncond = output.chunk(2)
-                output = uncond + guidance_scale * (cond - uncond)
-            else:
-                output = model(model_in, t, audio, reference, prev)
-            sample = scheduler.step(output, t, sample, generator=generator).prev_sample
+
+        def conditional(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return model(x, t, audio, reference, prev)
+
+        denoiser = conditional
+        if guidance_scale != 1.0:
+            audio2, reference2 = audio.repeat(2, 1, 1, 1, 1), reference.repeat(2, 1, 1)
+            prev2 = None if prev is None else prev.repeat(2, 1, 1, 1)
+            audio_mask = torch.tensor([True, False])  # the second half is unconditional (no audio)
+            denoiser = with_cfg(lambda x2, t: model(x2, t, audio2, reference2, prev2, audio_mask=audio_mask), guidance_scale)
+        sample = denoise(denoiser, self.scheduler, noise, steps, generator, on_step=on_step)
         return model.sample_to_landmarks(sample, reference)[0].float().cpu().numpy()

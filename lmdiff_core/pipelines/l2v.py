@@ -21,9 +21,6 @@ latents are blended linearly. Memory stays bounded: frames stream in and out one
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -31,13 +28,15 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
+from ..atomic import atomic_write
 from ..checkpoints import read_checkpoint_info
 from ..crop import CropTrack, compute_crop_track, crop_frames, face_masks, paste_back, transform_landmarks
 from ..errors import LmdiffInputError
-from ..l2v_data import pose_reference, render_condition
+from ..conditioning import pose_reference, render_condition
 from ..landmarks import LandmarkSequence
 from ..models import L2VUNet
-from .schedulers import SAMPLERS, make_scheduler
+from .sampling import denoise, with_cfg
+from .schedulers import SAMPLERS, load_scheduler, make_scheduler
 from .timing import StageTimer, stage
 
 CHECKPOINT_INFO = "lmdiff_l2v.json"
@@ -50,7 +49,18 @@ def _check_int(value, name: str, minimum: int) -> int:
     return int(value)
 
 
-@torch.no_grad()
+def _pull_known(scheduler, known: torch.Tensor, weight: torch.Tensor, noise: torch.Tensor):
+    """A `denoise` before_step: the first K frames of the sample blended towards `known` [K, C, h, w] noised to the
+    current level (with the window's own noise), by `weight` [K] in 0..1."""
+    k, w = known.shape[0], weight.to(noise)[:, None, None, None]
+
+    def before_step(sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        noised = scheduler.add_noise(known, noise[:k], t.reshape(1).to(noise.device))
+        return torch.cat([w * noised + (1 - w) * sample[:k], sample[k:]])
+
+    return before_step
+
+
 def sample_window(
     unet: L2VUNet,
     scheduler,
@@ -66,39 +76,26 @@ def sample_window(
     generator: torch.Generator | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """Denoise one window of F frames [F, C, h, w] from `noise` with `scheduler`; `on_step()` runs after each step.
+    """Denoise one window of F frames [F, C, h, w] from `noise` with `scheduler` (`sampling.denoise`); `on_step()`
+    runs after each step.
 
     `known` [K, C, h, w] (K <= F): clean latents already generated for the window's first K frames; at every step
     those frames are blended towards `known` noised to the current level with `known_weight` [K] in 0..1.
-    Classifier-free guidance (`guidance_scale` != 1) contrasts the landmark condition with a blank one.
+    Classifier-free guidance (`guidance_scale` != 1, `sampling.with_cfg`) contrasts the landmark condition with a
+    blank one.
     """
     frames = noise.shape[0]
-    scheduler.set_timesteps(num_inference_steps, device=noise.device)
-    sample = noise * scheduler.init_noise_sigma
-    guided = guidance_scale != 1.0
-    if guided:
-        condition = torch.cat([condition, torch.zeros_like(condition)])
-        pose_latent, pose_mask, identity_latent = (
-            x.repeat(2, 1, 1, 1) for x in (pose_latent, pose_mask, identity_latent)
-        )
-    if known is not None:
-        weight = known_weight.to(noise)[:, None, None, None]
-    for t in scheduler.timesteps:
-        if known is not None:
-            k = known.shape[0]
-            noised = scheduler.add_noise(known, noise[:k], t.reshape(1).to(noise.device))
-            sample = torch.cat([weight * noised + (1 - weight) * sample[:k], sample[k:]])
-        model_in = scheduler.scale_model_input(sample, t)
-        if guided:
-            out = unet(model_in.repeat(2, 1, 1, 1), t, condition, pose_latent, pose_mask, identity_latent, frames)
-            cond, uncond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
-        else:
-            out = unet(model_in, t, condition, pose_latent, pose_mask, identity_latent, frames)
-        sample = scheduler.step(out, t, sample, generator=generator).prev_sample
-        if on_step is not None:
-            on_step()
-    return sample
+
+    def conditional(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return unet(x, t, condition, pose_latent, pose_mask, identity_latent, frames)
+
+    denoiser = conditional
+    if guidance_scale != 1.0:
+        blank = torch.cat([condition, torch.zeros_like(condition)])
+        pose2, mask2, identity2 = (x.repeat(2, 1, 1, 1) for x in (pose_latent, pose_mask, identity_latent))
+        denoiser = with_cfg(lambda x2, t: unet(x2, t, blank, pose2, mask2, identity2, frames), guidance_scale)
+    before_step = None if known is None else _pull_known(scheduler, known, known_weight, noise)
+    return denoise(denoiser, scheduler, noise, num_inference_steps, generator, before_step, on_step)
 
 
 class LandmarkToVideoPipeline(DiffusionPipeline):
@@ -145,8 +142,7 @@ class LandmarkToVideoPipeline(DiffusionPipeline):
         """Write the checkpoint folder; it appears complete or not at all (an existing one is replaced at the end)."""
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with atomic_write(folder, folder=True) as tmp:
             self.unet.save_pretrained(tmp / "unet")
             self.scheduler.save_pretrained(tmp / "scheduler")
             info = {
@@ -157,16 +153,6 @@ class LandmarkToVideoPipeline(DiffusionPipeline):
                 "autoencoder": self.unet.config.autoencoder,
             }
             (tmp / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2) + "\n")
-            if folder.exists():
-                old = folder.with_name(f".{folder.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(folder, old)
-                os.replace(tmp, folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return folder
 
     @classmethod
@@ -179,7 +165,7 @@ class LandmarkToVideoPipeline(DiffusionPipeline):
             raise LmdiffInputError(f"{folder}: cannot load the L2V U-Net: {exc}") from None
         pipe = cls(
             unet,
-            make_scheduler(unet, sampler),
+            load_scheduler(folder / "scheduler", unet, sampler),
             None,
             info["crop_size"],
             info["topology"],
@@ -193,7 +179,7 @@ class LandmarkToVideoPipeline(DiffusionPipeline):
     def set_sampler(self, sampler: str) -> None:
         if sampler not in SAMPLERS:
             raise LmdiffInputError(f"unknown sampler {sampler!r}, expected one of {list(SAMPLERS)}")
-        self.scheduler = make_scheduler(self.unet, sampler)
+        self.scheduler = make_scheduler(self.unet, sampler, dict(self.scheduler.config))  # keeps the noise schedule
 
     # -- inference --------------------------------------------------------------------------------------------------
     def reference_crop(self, image: np.ndarray, landmarks: LandmarkSequence) -> torch.Tensor:

@@ -33,8 +33,8 @@ from ..errors import LmdiffInputError
 from ..appearance_bank import AppearanceBank
 from ..landmarks import LandmarkSequence
 from ..media import frame_count, iter_frames, probe_video
-from ..motion import add_blinks, apply_head_motion, blink_curve, generate_head_motion
-from ..smoothing import smooth_landmarks
+from ..motion import natural_motion
+from ..smoothing import smooth_detections
 from .a2l import AudioToLandmarksPipeline, speaker_references
 from .fast import render_fast
 from .l2v import LandmarkToVideoPipeline
@@ -42,13 +42,6 @@ from .timing import stage
 
 IMAGE_MODES = ("one_shot", "still")
 MODES = ("quality", "fast")
-
-
-def natural_motion(talking: LandmarkSequence, a2l: AudioToLandmarksPipeline, seed: int | None) -> LandmarkSequence:
-    """Canonical A2L output + generated head motion and blinks (statistics of the A2L checkpoint's training set)."""
-    n = len(talking)
-    talking = apply_head_motion(talking, generate_head_motion(n, talking.fps, a2l.motion_stats, seed))
-    return add_blinks(talking, blink_curve(n, talking.fps, a2l.motion_stats, seed))
 
 
 def _looped_frames(video: Path | np.ndarray, fps: float, n: int, length: int) -> Iterator[np.ndarray]:
@@ -94,7 +87,7 @@ def _video_landmarks(
     """Landmarks of `face` in a video from `_open_video` (`max_gap` as in `extract_landmarks`), smoothed if `smooth`."""
     frames = iter_frames(video, fps) if isinstance(video, Path) else video
     source = extract_landmarks(frames, landmarker, fps, face, max_gap, source=name)
-    return smooth_landmarks(source) if smooth else source
+    return smooth_detections(source) if smooth else source
 
 
 class TalkingHeadPipeline(DiffusionPipeline):
@@ -136,7 +129,7 @@ class TalkingHeadPipeline(DiffusionPipeline):
         another rate resamples the A2L landmarks in time); n = `n_frames`, by default ceil(audio duration x fps).
         `face` picks the person ("largest" or an index from the left, see `detectors.select_face`); for a video,
         gaps of up to `max_gap` frames without that face are filled and `smooth` smooths its landmarks in time.
-        `progress(stage, done, total)`; `on_step()` after each L2V denoising step.
+        `progress(stage, done, total)`; `on_step()` after each denoising step (A2L diffusion and L2V).
 
         `mode` "quality" (L2V) or "fast" (appearance bank, see the module docstring). Fast mode only:
         `bank_frames` uint8 [T, H, W, 3], more frames of the same person for the bank; `bank_from_video=False`
@@ -158,7 +151,7 @@ class TalkingHeadPipeline(DiffusionPipeline):
         if mode == "fast":
             frames = self._generate_fast(
                 audio, landmarker, image, video, video_fps, a2l_guidance_scale, seed, n, report,
-                bank_frames, bank_from_video, crop_size, bank_k, face=face, smooth=smooth, fps=fps,
+                bank_frames, bank_from_video, crop_size, bank_k, face=face, smooth=smooth, fps=fps, on_step=on_step,
             )
             return frames, n
         if video is not None:
@@ -166,7 +159,7 @@ class TalkingHeadPipeline(DiffusionPipeline):
             with stage(timer, "landmarks"):
                 source = _video_landmarks(video, landmarker, fps, name, max_gap, face=face, smooth=smooth)
             length = len(source)  # fewer than probed only for partial media (`media.allow_partial_media`)
-            talking = self._dub_talking(audio, source, n, a2l_guidance_scale, seed, report, fps)
+            talking = self._dub_talking(audio, source, n, a2l_guidance_scale, seed, report, fps, on_step)
             opening = source.mouth_opening()
             valid = np.flatnonzero(source.valid)
             index = np.arange(n) % length
@@ -188,6 +181,7 @@ class TalkingHeadPipeline(DiffusionPipeline):
                     guidance_scale=a2l_guidance_scale,
                     seed=seed,
                     progress=report("a2l"),
+                    on_step=on_step,
                 )
             talking = talking if n_a2l == n and fps == talking.fps else talking.resample(fps, n)
             source_n = reference[np.zeros(n, dtype=int)]
@@ -195,7 +189,7 @@ class TalkingHeadPipeline(DiffusionPipeline):
                 target = dub_landmarks(source_n, talking)
                 mode = "dub"
             else:
-                target = uncanonicalize(natural_motion(talking, self.a2l, seed))
+                target = uncanonicalize(natural_motion(talking, self.a2l.motion_stats, seed))
                 mode = "one_shot"
             identity = self.l2v.reference_crop(image, reference)
             frames = (image for _ in range(n))
@@ -214,7 +208,7 @@ class TalkingHeadPipeline(DiffusionPipeline):
         return out, n
 
     def _dub_talking(
-        self, audio, source: LandmarkSequence, n: int, guidance_scale, seed, report, fps: float
+        self, audio, source: LandmarkSequence, n: int, guidance_scale, seed, report, fps: float, on_step=None
     ) -> LandmarkSequence:
         """A2L's canonical lips and jaw for `audio` as n frames at `fps`, personalised by `source`, the person's
         landmark track (`a2l.speaker_references`: frames across the person's mouth openings, silence pulled to the
@@ -223,14 +217,20 @@ class TalkingHeadPipeline(DiffusionPipeline):
         n_a2l = n if fps == self.a2l.fps else frame_count(n / fps, self.a2l.fps)
         with stage(self.l2v.timer, "a2l"):
             talking = self.a2l(
-                audio, references, n_frames=n_a2l, guidance_scale=guidance_scale, seed=seed, progress=report("a2l"),
+                audio,
+                references,
+                n_frames=n_a2l,
+                guidance_scale=guidance_scale,
+                seed=seed,
+                progress=report("a2l"),
                 rest=rest,
+                on_step=on_step,
             )
         return talking if n_a2l == n and fps == talking.fps else talking.resample(fps, n)
 
     def _generate_fast(
         self, audio, landmarker, image, video, video_fps, a2l_guidance_scale, seed, n, report,
-        bank_frames, bank_from_video, crop_size, bank_k, face="largest", smooth=True, fps=None,
+        bank_frames, bank_from_video, crop_size, bank_k, face="largest", smooth=True, fps=None, on_step=None,
     ) -> Iterator[np.ndarray]:
         """The n output frames of `generate` in fast mode (arguments as there; `report(stage)` -> a progress)."""
         timer = self.l2v.timer
@@ -239,7 +239,7 @@ class TalkingHeadPipeline(DiffusionPipeline):
         if bank_frames is not None:
             extra = _frames_at(bank_frames, fps, fps)
             with stage(timer, "landmarks"):
-                extra_lm = smooth_landmarks(
+                extra_lm = smooth_detections(
                     extract_landmarks(extra, landmarker, fps, max_gap=None, source="the bank frames")
                 )
             with stage(timer, "bank"):
@@ -267,7 +267,7 @@ class TalkingHeadPipeline(DiffusionPipeline):
         if not banks:
             raise LmdiffInputError("fast mode needs an appearance bank: give bank_frames or leave bank_from_video on")
         bank = AppearanceBank.concatenate(banks)
-        talking = self._dub_talking(audio, source, n, a2l_guidance_scale, seed, report, fps)
+        talking = self._dub_talking(audio, source, n, a2l_guidance_scale, seed, report, fps, on_step)
         target = dub_landmarks(source_n, talking)
         source_n = source_n.to_topology(target.topology)
         return render_fast(frames, source_n, target, bank, k=bank_k, timer=timer, progress=report("fast"))
