@@ -11,7 +11,7 @@ mkdir -p "$work"
 "$repo/.venv/bin/lmdiff" prepare "$shared/data/clips" "$shared/data/clips_more/av" -o "$work/dataset" --crop-size 128 \
     --model "$shared/weights/mediapipe_face_landmarker/face_landmarker_v2_with_blendshapes.task"
 # The bundled A2L models read Whisper-base features (the lmdiff[speech] extra), computed from the clips' stored audio.
-"$py" -c "import sys; from lmdiff_core.dataset import refeature_dataset; refeature_dataset(*sys.argv[1:], 'whisper-base')" \
+"$py" -c "import sys; from lmdiff_core.data.prepare import refeature_dataset; refeature_dataset(*sys.argv[1:], 'whisper-base')" \
     "$work/dataset" "$work/dataset_whisper"
 cd "$repo/training"
 "$py" train_a2l.py --config configs/a2l_lstm_whisper_cpu.yaml --data "$work/dataset_whisper" --out "$work/a2l"
