@@ -78,7 +78,8 @@ def compute_loss(model, batch, autoencoder, noise_scheduler, step: int, config: 
     noise = global_random(step, seed, b * world, tuple(clean.shape[1:]), rank, world, "noise").to(clean)
     t = global_random(step, seed, b * world, (), rank, world, "t", high=train.get("max_timestep", 1000) + 1)
     # True with probability warped_start: start from the warped reference (as at inference), else from the target
-    from_warped = global_random(step, seed, b * world, (), rank, world, "one_shot", p=1 - train.get("warped_start", 0.5))
+    share = train.get("warped_start", 0.5)
+    from_warped = global_random(step, seed, b * world, (), rank, world, "one_shot", p=1 - share)
     start = torch.where(from_warped[:, None, None, None].to(clean.device), latents["warped"], clean)
     noisy = noise_scheduler.add_noise(start, noise, t.to(clean.device))
     mask = batch["pose_mask"]

@@ -1,8 +1,8 @@
 """`LandmarkToVideoPipeline`: landmarks + references -> face video, with the L2V U-Net (a diffusers DiffusionPipeline).
 
 A checkpoint folder holds ``unet/`` (`L2VUNet.save_pretrained`), ``scheduler/`` and ``lmdiff_l2v.json`` (crop size,
-landmark topology, window and overlap, which autoencoder the U-Net was trained with and, for a quality-mode refiner
-(a U-Net with ``extra_references``, `pipelines/quality.py`), its sampling settings ``refine``). The autoencoder itself is
+landmark topology, window and overlap, which autoencoder the U-Net was trained with and, for a quality-mode refiner (a
+U-Net with ``extra_references``, `pipelines/quality.py`), its sampling settings ``refine``). The autoencoder itself is
 not part of the folder (users keep those under ``models/vae``): `from_pretrained(folder, autoencoder=...)` takes a
 `LatentAutoencoder` and refuses one whose latents do not match the U-Net.
 
