@@ -17,13 +17,15 @@ Fast mode (--fast): dub the first --frames frames of the clip (an mp4 on disk) w
 checkpoint), the appearance bank (built from the video itself), retrieval, warp, paste-back and writing the mp4, each
 timed (frames decoded for the output pass, and the A2L features, fall in "untimed": total minus the timed stages);
 frames/s end to end. With --lengths, memory against length in fast mode too: the portrait dubbed as a still for
-10 s and 10 min of speech, 128 px crops.
+10 s and 10 min of speech, 128 px crops. Quality mode (--quality): the same run in `mode="quality"` with the bundled
+refiner (checkpoints/refiner, its own steps), which adds the refiner's encode, denoise and decode stages.
 
 Usage: python benchmarks/bench_pipeline.py [--models default base] [--sizes 256 512] [--steps 1 4 25] [--frames 12]
        [--autoencoder PATH] [--device cpu|cuda] [--name cpu_2core] [--merge]
        python benchmarks/bench_pipeline.py --lengths 10 600 [--fast] [--device cpu|cuda] [--name cpu_2core]
-       python benchmarks/bench_pipeline.py --fast [--sizes 256 512] [--frames 250] [--name cpu_2core]
-Writes benchmarks/results/pipeline_<name>.json (pipeline_fast_<name>.json, pipeline_memory[_fast]_<name>.json) with
+       python benchmarks/bench_pipeline.py --fast|--quality [--sizes 256 512] [--frames 250] [--name cpu_2core]
+Writes benchmarks/results/pipeline_<name>.json (pipeline_{fast,quality}_<name>.json, pipeline_memory[_fast]_<name>.json)
+with
 the machine described.
 """
 
@@ -48,6 +50,8 @@ MEDIAPIPE = SHARED / "weights" / "mediapipe_face_landmarker" / "face_landmarker_
 MODEL_CONFIGS = {"default": "l2v_default_cpu.yaml", "base": "l2v_base_gpu.yaml"}
 STAGES = ("landmarks", "a2l", "crop", "encode", "denoise", "decode", "paste_back", "write_video")
 FAST_STAGES = ("landmarks", "bank", "a2l", "retrieve", "crop", "warp", "paste_back", "write_video")
+QUALITY_STAGES = ("landmarks", "bank", "a2l", "retrieve", "crop", "warp", "encode", "denoise", "decode", "paste_back",
+                  "write_video")
 
 
 def run_case(case: dict, queue) -> None:
@@ -122,7 +126,8 @@ def run_case(case: dict, queue) -> None:
 def run_fast_case(case: dict, queue) -> None:
     import torch
 
-    from lmdiff_core.checkpoints import BUNDLED_A2L, BUNDLED_L2V
+    from lmdiff_core.autoencoders import load_autoencoder
+    from lmdiff_core.checkpoints import BUNDLED_A2L, BUNDLED_L2V, BUNDLED_REFINER
     from lmdiff_core.detectors import load_landmarker
     from lmdiff_core.media import iter_frames, read_audio, write_video
     from lmdiff_core.pipelines.a2l import AudioToLandmarksPipeline
@@ -131,7 +136,10 @@ def run_fast_case(case: dict, queue) -> None:
     from lmdiff_core.pipelines.timing import StageTimer
 
     torch.manual_seed(0)
-    l2v = LandmarkToVideoPipeline.from_pretrained(BUNDLED_L2V)  # holds the timer; fast mode does not run it
+    quality = case["mode"] == "quality"
+    # the L2V holds the timer; fast mode does not run it, quality mode runs the refiner
+    l2v = LandmarkToVideoPipeline.from_pretrained(BUNDLED_REFINER if quality else BUNDLED_L2V)
+    l2v.set_autoencoder(load_autoencoder("pixel"))
     pipeline = TalkingHeadPipeline(AudioToLandmarksPipeline.from_pretrained(BUNDLED_A2L), l2v)
     timer = l2v.timer = StageTimer()
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,12 +153,15 @@ def run_fast_case(case: dict, queue) -> None:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         started = time.perf_counter()
         with load_landmarker("mediapipe", MEDIAPIPE, num_faces=1) as landmarker:
-            out, n = pipeline.generate(audio, landmarker, video=video, mode="fast", crop_size=case["size"], seed=0)
-            with timer("write_video"):  # the output pass (retrieve, crop, warp, paste_back) runs inside
+            out, n = pipeline.generate(
+                audio, landmarker, video=video, mode=case["mode"], crop_size=case["size"], seed=0
+            )
+            with timer("write_video"):  # the output pass (retrieve, crop, warp, [refiner,] paste_back) runs inside
                 write_video(Path(tmp) / "out.mp4", out, 25.0, audio=audio)
         total = time.perf_counter() - started
-    seconds = {stage: round(timer.seconds.get(stage, 0.0), 3) for stage in FAST_STAGES}
-    inner = sum(seconds[s] for s in ("retrieve", "crop", "warp", "paste_back"))
+    stages = QUALITY_STAGES if quality else FAST_STAGES
+    seconds = {stage: round(timer.seconds.get(stage, 0.0), 3) for stage in stages}
+    inner = sum(seconds[s] for s in stages if s not in ("landmarks", "bank", "a2l", "write_video"))
     seconds["write_video"] = round(seconds["write_video"] - inner, 3)  # the encoder alone
     seconds["untimed"] = round(total - sum(seconds.values()), 3)
     queue.put(
@@ -168,13 +179,13 @@ def run_fast_case(case: dict, queue) -> None:
     )
 
 
-def fast_speed(args) -> None:
+def fast_speed(args, mode: str = "fast") -> None:
     results = []
     for size in args.sizes:
-        case = dict(mode="fast", size=size, frames=args.frames, clip=args.clip)
+        case = dict(mode=mode, size=size, frames=args.frames, clip=args.clip)
         results.append(_in_fresh_process(run_fast_case, case))
         print(json.dumps(results[-1]), flush=True)
-    _write(RESULTS / f"pipeline_fast_{args.name}.json", __doc__.split("\n\n")[2], results)
+    _write(RESULTS / f"pipeline_{mode}_{args.name}.json", __doc__.split("\n\n")[2], results)
 
 
 def _write(path: Path, what: str, results: list) -> None:
@@ -281,11 +292,12 @@ def main() -> None:
     parser.add_argument("--merge", action="store_true", help="replace only these cases in an existing results file")
     parser.add_argument("--lengths", nargs="+", type=float, help="seconds of audio: measure memory against length")
     parser.add_argument("--fast", action="store_true", help="fast mode (appearance bank, no U-Net)")
+    parser.add_argument("--quality", action="store_true", help="quality mode with the bundled refiner")
     args = parser.parse_args()
     if args.lengths:
         return memory_against_length(args)
-    if args.fast:
-        return fast_speed(args)
+    if args.fast or args.quality:
+        return fast_speed(args, "quality" if args.quality else "fast")
     results = []
     for model in args.models:
         for size in args.sizes:

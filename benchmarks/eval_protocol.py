@@ -21,6 +21,9 @@ Modes (each scored against the ground-truth test part, re-encoded like the predi
   dub_fast_true   upper-bound diagnostic: as dub_fast, but the target lips are the test part's own (true)
             landmarks instead of A2L's; the bank is still the context only.
   still_fast      frame 0 dubbed as a still in fast mode, the bank = frame 0 only (what a one-shot user gives).
+  dub_quality     as dub_fast in the pipeline's quality mode with the bundled refiner (checkpoints/refiner): fast
+            mode's warp refined by the refiner U-Net before paste-back; the bank is the context only.
+  dub_quality_true   as dub_fast_true (the test part's own landmarks as the target), refined as dub_quality.
 Optional fine-tune (--finetune-steps N > 0), per clip, on its context only (written to an mp4 + wav and prepared with
 `lmdiff_core.data.prepare.prepare_dataset`, as `lmdiff prepare` does): L2V by `training/train_l2v.py` with a `lora:`
 section on the bundled checkpoint (LoRA rank 8, merged into the run's final/; a copy of the context is the
@@ -70,8 +73,10 @@ FPS = 25.0
 SAMPLE_RATE = 16000
 SAMPLES_PER_FRAME = int(SAMPLE_RATE / FPS)
 CONTEXT_FRACTION = 0.7
-MODES = ("dub", "one_shot", "still", "dub_fast", "dub_fast_true", "still_fast")
+MODES = ("dub", "one_shot", "still", "dub_fast", "dub_fast_true", "still_fast", "dub_quality", "dub_quality_true")
 FAST_MODES = ("dub_fast", "dub_fast_true", "still_fast")
+REFINER_MODES = ("dub_quality", "dub_quality_true")  # quality mode with the bundled refiner
+CONTEXT_MODES = ("dub_fast", "dub_fast_true", *REFINER_MODES)  # their bank is the context part
 BANK_CROP = 256  # px, the fast modes' face crops
 DEFAULT_MODES = ("dub", "one_shot")
 DEFAULT_MAX_SECONDS = 0.8
@@ -203,6 +208,15 @@ def bundled_pipelines():
     l2v = LandmarkToVideoPipeline.from_pretrained(BUNDLED_L2V)
     l2v.set_autoencoder(load_autoencoder("pixel"))
     return a2l, l2v
+
+
+def bundled_refiner():
+    """The bundled quality-mode refiner (an L2V pipeline, pixel space)."""
+    from lmdiff_core.autoencoders import load_autoencoder
+    from lmdiff_core.checkpoints import BUNDLED_REFINER
+    from lmdiff_core.pipelines.l2v import LandmarkToVideoPipeline
+
+    return LandmarkToVideoPipeline.from_pretrained(BUNDLED_REFINER, autoencoder=load_autoencoder("pixel"))
 
 
 def checkpoint_info(folder: Path) -> dict:
@@ -398,19 +412,21 @@ def run_mode(pipeline, mode: str, parts: dict, args, out: Path, bar) -> dict:
         bar.set_postfix_str(f"{mode}: {stage} {done}/{total}", refresh=True)
 
     started = time.perf_counter()
-    if mode == "dub_fast_true":
-        write_video(pred, true_lips_fast(parts, args), FPS, audio=audio)
-    elif mode in FAST_MODES:
-        with load_landmarker("mediapipe", args.landmarker, video=mode == "dub_fast") as landmarker:
+    if mode in ("dub_fast_true", "dub_quality_true"):
+        write_video(pred, true_lips_fast(parts, args, pipeline.l2v if mode == "dub_quality_true" else None), FPS,
+                    audio=audio)
+    elif mode in FAST_MODES or mode in REFINER_MODES:
+        dubbing = mode in ("dub_fast", "dub_quality")
+        with load_landmarker("mediapipe", args.landmarker, video=dubbing) as landmarker:
             source = dict(video=parts["test"], bank_frames=parts["context"], bank_from_video=False)
             frames, n = pipeline.generate(
                 audio,
                 landmarker,
-                **(source if mode == "dub_fast" else dict(image=parts["frame0"])),
+                **(source if dubbing else dict(image=parts["frame0"])),
                 seed=args.seed,
                 n_frames=parts["frames_test"],
                 progress=progress,
-                mode="fast",
+                mode="quality" if mode in REFINER_MODES else "fast",
                 crop_size=BANK_CROP,
             )
             write_video(pred, frames, FPS, audio=audio)
@@ -455,12 +471,13 @@ def _generate_quality(pipeline, mode: str, parts: dict, args, pred: Path, progre
         write_video(pred, frames, FPS, audio=parts["test_audio"])
 
 
-def true_lips_fast(parts: dict, args):
+def true_lips_fast(parts: dict, args, refiner_l2v=None):
     """dub_fast_true's frames: the test part re-rendered in fast mode with its own landmarks as the target, from a
-    bank of the context part only."""
+    bank of the context part only; dub_quality_true's with `refiner_l2v` (a refiner `LandmarkToVideoPipeline`)."""
     from lmdiff_core.appearance_bank import AppearanceBank
     from lmdiff_core.detectors import extract_landmarks, load_landmarker
     from lmdiff_core.pipelines.fast import render_fast
+    from lmdiff_core.pipelines.quality import Refiner
     from lmdiff_core.smoothing import smooth_landmarks
 
     def landmarks(frames):
@@ -469,7 +486,8 @@ def true_lips_fast(parts: dict, args):
 
     bank = AppearanceBank.build(parts["context"], landmarks(parts["context"]), BANK_CROP)
     source = landmarks(parts["test"]).to_topology("ibug68")
-    return render_fast(parts["test"], source, source, bank)
+    refine = None if refiner_l2v is None else Refiner.for_bank(refiner_l2v, bank, args.seed)
+    return render_fast(parts["test"], source, source, bank, refine=refine)
 
 
 def _generate_default(name: str):
@@ -489,7 +507,7 @@ def run_clip(path: Path, args, work: Path, bar) -> dict:
     record = {"clip": _shown(path), "training_set": training_set(path)}
     started = time.perf_counter()
     try:
-        keep_context = args.finetune_steps > 0 or bool(set(args.modes) & {"dub_fast", "dub_fast_true"})
+        keep_context = args.finetune_steps > 0 or bool(set(args.modes) & set(CONTEXT_MODES))
         parts = split_clip(path, args.max_seconds, keep_context=keep_context)
         record.update(
             {k: parts[k] for k in ("frames_total", "frames_context", "frames_test", "test_start_seconds", "frame_size")}
@@ -508,11 +526,13 @@ def run_clip(path: Path, args, work: Path, bar) -> dict:
         bar.update(len(args.modes))
         return {**record, "status": "failed", "error": f"{type(exc).__name__}: {exc}", "trace": _trace()}
     pipeline = TalkingHeadPipeline(a2l, l2v)
+    refined = TalkingHeadPipeline(a2l, bundled_refiner()) if set(args.modes) & set(REFINER_MODES) else None
     record["modes"] = {}
     for mode in args.modes:
         _seed_everything(args.seed)
         try:
-            record["modes"][mode] = run_mode(pipeline, mode, parts, args, clip_dir / mode, bar)
+            chosen = refined if mode in REFINER_MODES else pipeline
+            record["modes"][mode] = run_mode(chosen, mode, parts, args, clip_dir / mode, bar)
         except Exception as exc:
             record["modes"][mode] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "trace": _trace()}
         bar.update(1)
@@ -671,7 +691,7 @@ def main(argv=None) -> int:
     from bench_landmarks import machine
     from tqdm.auto import tqdm
 
-    from lmdiff_core.checkpoints import BUNDLED_A2L, BUNDLED_L2V
+    from lmdiff_core.checkpoints import BUNDLED_A2L, BUNDLED_L2V, BUNDLED_REFINER
     from lmdiff_core.evaluation import NOT_COMPUTED
 
     _seed_everything(args.seed)
@@ -714,7 +734,11 @@ def main(argv=None) -> int:
             "work_dir": str(work),
             "command": "python benchmarks/eval_protocol.py " + " ".join(sys.argv[1:] if argv is None else argv),
         },
-        "checkpoints": {"a2l": checkpoint_info(BUNDLED_A2L), "l2v": checkpoint_info(BUNDLED_L2V)},
+        "checkpoints": {
+            "a2l": checkpoint_info(BUNDLED_A2L),
+            "l2v": checkpoint_info(BUNDLED_L2V),
+            **({"refiner": checkpoint_info(BUNDLED_REFINER)} if set(args.modes) & set(REFINER_MODES) else {}),
+        },
         "identity_embedding": embedding,
         "not_computed": {name: NOT_COMPUTED for name in ("fid", "lpips", "tlp", "lse_c", "lse_d")},
         "seconds": {"total": round(total, 1), "per_clip": {n: r.get("seconds") for n, r in records.items()}},

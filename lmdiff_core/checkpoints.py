@@ -12,6 +12,7 @@ BUNDLED_CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 BUNDLED_A2L = BUNDLED_CHECKPOINTS / "a2l"
 BUNDLED_A2L_DIFFUSION = BUNDLED_CHECKPOINTS / "a2l_diffusion"
 BUNDLED_L2V = BUNDLED_CHECKPOINTS / "l2v"
+BUNDLED_REFINER = BUNDLED_CHECKPOINTS / "refiner"  # the quality-mode refiner (an L2V checkpoint with extra_references)
 
 
 def read_checkpoint_info(folder: Path, name: str, kind: str, required: tuple[str, ...]) -> dict:

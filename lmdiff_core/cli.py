@@ -397,13 +397,13 @@ def cmd_generate(args) -> None:
 def _talking_head_pipeline(args):
     """The A2L + L2V pipeline of the checkpoints the arguments name (loaded before any media is read)."""
     from .autoencoders import load_autoencoder
-    from .checkpoints import BUNDLED_A2L, BUNDLED_L2V
+    from .checkpoints import BUNDLED_A2L, BUNDLED_REFINER
     from .pipelines.a2l import AudioToLandmarksPipeline
     from .pipelines.l2v import LandmarkToVideoPipeline
     from .pipelines.talking_head import TalkingHeadPipeline
 
     a2l = AudioToLandmarksPipeline.from_pretrained(args.a2l or BUNDLED_A2L)
-    l2v = LandmarkToVideoPipeline.from_pretrained(args.l2v or BUNDLED_L2V, sampler=args.sampler)
+    l2v = LandmarkToVideoPipeline.from_pretrained(args.l2v or BUNDLED_REFINER, sampler=args.sampler)
     if args.size:
         l2v.crop_size = args.size
     needed = l2v.unet.config.autoencoder
@@ -575,13 +575,16 @@ def _add_generation_args(p, image_mode: str) -> None:
         "--mode",
         choices=("quality", "fast"),
         default="quality",
-        help="quality: the L2V U-Net generates the face; fast: the lower face is rebuilt from the person's own frames "
-        "(retrieved by lip shape and warped, no U-Net; a portrait is dubbed as a still). Default quality",
+        help="fast: the lower face is rebuilt from the person's own frames (retrieved by lip shape and warped, no "
+        "U-Net; a portrait is dubbed as a still); quality: the same, refined by the L2V refiner (the bundled one), "
+        "or with a plain L2V checkpoint (--l2v) the U-Net generates the face. Default quality",
     )
     p.add_argument("--a2l", help="A2L checkpoint folder (default: the bundled checkpoints/a2l)")
-    p.add_argument("--l2v", help="L2V checkpoint folder (default: the bundled checkpoints/l2v)")
+    p.add_argument("--l2v", help="L2V checkpoint folder (default: the bundled refiner, checkpoints/refiner)")
     p.add_argument("--vae", help="autoencoder the L2V model was trained with (a TAESD-family folder or a VAE file)")
-    p.add_argument("--steps", type=_positive_int, default=20, help="L2V sampling steps")
+    p.add_argument(
+        "--steps", type=_positive_int, default=20, help="L2V sampling steps (a refiner samples with its own settings)"
+    )
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance on the landmarks")
     p.add_argument("--sampler", choices=("ddim", "dpm++", "unipc"), default="ddim")
     p.add_argument("--size", type=_positive_int, help="face crop size (default: the L2V checkpoint's; fast mode: 256)")

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from ..lmdiff_core.checkpoints import BUNDLED_A2L, BUNDLED_A2L_DIFFUSION, BUNDLED_L2V
+from ..lmdiff_core.checkpoints import BUNDLED_A2L, BUNDLED_A2L_DIFFUSION, BUNDLED_L2V, BUNDLED_REFINER
 from ..lmdiff_core.detectors import DETECTORS
 from ..lmdiff_core.errors import LmdiffInputError
 from .runtime import comfy_module
@@ -23,7 +23,10 @@ EXTENSIONS = {A2L: {".json"}, L2V: {".json"}, LANDMARKER: {".task", ".dat", ".on
 MARKERS = {A2L: "lmdiff_a2l.json", L2V: "lmdiff_l2v.json"}  # the pipelines' CHECKPOINT_INFO files
 BUNDLED = "bundled"
 # The checkpoints shipped with the pack, by the name the loaders offer (when the model folder holds none).
-BUNDLED_PATHS = {A2L: {BUNDLED: BUNDLED_A2L, "bundled-diffusion": BUNDLED_A2L_DIFFUSION}, L2V: {BUNDLED: BUNDLED_L2V}}
+BUNDLED_PATHS = {
+    A2L: {BUNDLED: BUNDLED_A2L, "bundled-diffusion": BUNDLED_A2L_DIFFUSION},
+    L2V: {BUNDLED: BUNDLED_L2V, "bundled-refiner": BUNDLED_REFINER},  # the refiner: quality mode of Talking Head
+}
 AUTOENCODER_FOLDERS = ("vae", "vae_approx")
 AUTO, PIXEL, DEFAULT = "auto", "pixel", "default"
 LANDMARKER_BACKENDS = (AUTO, *DETECTORS)

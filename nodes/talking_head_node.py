@@ -39,8 +39,10 @@ class TalkingHead:
                 "mode": (
                     ["quality", "fast"],
                     {
-                        "tooltip": "quality: the L2V model generates the face; fast: the lower face is rebuilt from the "
-                        "person's own frames (retrieved by lip shape and warped; no model; a portrait stays still)"
+                        "tooltip": "fast: the lower face is rebuilt from the person's own frames (retrieved by lip "
+                        "shape and warped; no model; a portrait stays still); quality: with a refiner L2V model "
+                        "(bundled-refiner) the same, refined in a few steps (its own; `steps` is for other L2V "
+                        "models), with another L2V model that model generates the face"
                     },
                 ),
                 "portrait_mode": (

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Rebuild the bundled checkpoints (checkpoints/a2l, checkpoints/a2l_diffusion, checkpoints/l2v) from the dev clips.
+# Rebuild the bundled checkpoints (checkpoints/a2l, checkpoints/a2l_diffusion, checkpoints/l2v, checkpoints/refiner)
+# from the dev clips.
 # Usage: bash scripts/train_default_checkpoints.sh SHARED_DIR WORK_DIR
 #   SHARED_DIR: the development media folder (data/clips, data/clips_more/av, weights/mediapipe_face_landmarker)
-#   WORK_DIR:   scratch space for the dataset and the runs (about 0.5 GB)
+#   WORK_DIR:   scratch space for the dataset and the runs (about 0.5 GB; the refiner's pair cache adds 7.5 GB)
 set -euo pipefail
 shared=$(realpath "$1"); work=$(realpath -m "$2")
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,6 +18,9 @@ cd "$repo/training"
 "$py" train_a2l.py --config configs/a2l_lstm_whisper_cpu.yaml --data "$work/dataset_whisper" --out "$work/a2l"
 "$py" train_a2l.py --config configs/a2l_diffusion_whisper_cpu.yaml --data "$work/dataset_whisper" --out "$work/a2l_diffusion"
 "$py" train_l2v.py --config configs/l2v_default_cpu.yaml --data "$work/dataset" --out "$work/l2v"
+"$py" train_refiner.py --config configs/refiner_default_cpu.yaml --shared "$shared" --cache "$work/refiner_cache" \
+    --out "$work/refiner"
 "$py" "$repo/scripts/export_checkpoint.py" a2l "$work/a2l/final" "$repo/checkpoints/a2l"
 "$py" "$repo/scripts/export_checkpoint.py" a2l "$work/a2l_diffusion/final" "$repo/checkpoints/a2l_diffusion" --half
 "$py" "$repo/scripts/export_checkpoint.py" l2v "$work/l2v/final" "$repo/checkpoints/l2v" --half
+"$py" "$repo/scripts/export_checkpoint.py" l2v "$work/refiner/best" "$repo/checkpoints/refiner" --half

@@ -16,7 +16,7 @@ from .conftest import shared_path
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "eval_protocol.py"
 CLIP = "edtalk_woman_en"
-MODES = ("dub", "one_shot", "still", "dub_fast", "dub_fast_true")
+MODES = ("dub", "one_shot", "still", "dub_fast", "dub_fast_true", "dub_quality", "dub_quality_true")
 KEYS = (
     "psnr_mouth", "ssim_mouth", "lmd_mouth", "mouth_opening_correlation", "csim", "cpbd", "frame_difference_error_mouth"
 )
@@ -79,7 +79,7 @@ def test_results_files_hold_evaluates_numbers(protocol_run):
     assert clip["training_set"]["status"] == "seen"  # the model cards: all 7 dev clips were trained on
     assert clip["frames_test"] == 10 and clip["frames_context"] == round(0.7 * clip["frames_total"])
     assert report["settings"]["steps"] == 1 and report["settings"]["modes"] == list(MODES)
-    assert set(report["checkpoints"]) == {"a2l", "l2v"} and "cpu" in report["machine"]
+    assert set(report["checkpoints"]) == {"a2l", "l2v", "refiner"} and "cpu" in report["machine"]
 
     for mode in MODES:
         result = clip["modes"][mode]

@@ -153,3 +153,42 @@ def test_from_sd15_copies_matching_weights(tmp_path):
     assert ours["conv_in.weight"][:, 4:].abs().sum() == 0
     with pytest.raises(LmdiffInputError, match="config.json"):
         L2VUNet.from_sd15(tmp_path)
+
+
+def test_extra_reference_unet_uses_the_reference_and_reloads(tmp_path):
+    """extra_references=1 (the quality-mode refiner): the reference is one more conv_in input that changes the output,
+    a call without it is refused, and save/from_pretrained give the same model back. Default off: conv_in is as
+    before (a checkpoint without the option loads unchanged)."""
+    torch.manual_seed(0)
+    plain = L2VUNet(**TINY)
+    model = L2VUNet(**TINY, extra_references=1, prediction_type="sample").eval()
+    assert plain.conv_in.in_channels == 3 * 4 + 1
+    assert model.conv_in.in_channels == 4 * 4 + 1
+    x = _inputs()
+    reference = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(**x, references=reference)
+        assert out.shape == (4, 4, 8, 8)
+        assert not torch.allclose(out, model(**x, references=reference + 1.0), atol=1e-4)
+    with pytest.raises(LmdiffInputError, match="extra reference"):
+        model(**x)
+    with pytest.raises(LmdiffInputError, match="extra reference"):
+        plain(**x, references=reference)
+    with pytest.raises(LmdiffInputError, match="references must be"):
+        model(**x, references=reference[:, :2])
+    model.save_pretrained(tmp_path / "unet")
+    loaded = L2VUNet.from_pretrained(tmp_path / "unet").eval()
+    assert loaded.config.extra_references == 1
+    with torch.no_grad():
+        assert torch.equal(loaded(**x, references=reference), out)
+
+
+def test_reference_residual_starts_at_the_reference():
+    """reference_residual: an untrained refiner returns its first extra reference exactly; it needs one."""
+    torch.manual_seed(0)
+    model = L2VUNet(**TINY, extra_references=1, reference_residual=True, prediction_type="sample").eval()
+    reference = torch.randn(4, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(**_inputs(), references=reference), reference)
+    with pytest.raises(ValueError, match="extra_references"):
+        L2VUNet(**TINY, reference_residual=True)

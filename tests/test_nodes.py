@@ -253,7 +253,8 @@ def test_model_folders_are_registered_with_their_file_types(comfy, tmp_path):
     assert landmarkers[0] == "default" and "face_landmarker.task" in landmarkers and "notes.txt" not in landmarkers
     a2l = comfy.pack.NODE_CLASS_MAPPINGS["LmdiffLoadA2LModel"].INPUT_TYPES()["required"]["model"][0]
     l2v = comfy.pack.NODE_CLASS_MAPPINGS["LmdiffLoadL2VModel"].INPUT_TYPES()["required"]
-    assert a2l == ["tiny_a2l", "bundled", "bundled-diffusion"] and l2v["model"][0] == ["tiny_l2v", "bundled"]
+    assert a2l == ["tiny_a2l", "bundled", "bundled-diffusion"]
+    assert l2v["model"][0] == ["tiny_l2v", "bundled", "bundled-refiner"]
     autoencoders = l2v["autoencoder"][0]
     assert autoencoders[:2] == ["auto", "pixel"] and "taesd_decoder.safetensors" in autoencoders
 

@@ -8,21 +8,25 @@ Tensors (N = batch x frames; C latent channels of the autoencoder; h x w latent,
                                     one-shot: the portrait crop)
     pose_mask       [N, 1, H', W']  1 where the U-Net must generate (any resolution; averaged down to h x w)
     identity        [N, C, h, w]    latent of the identity reference (another frame of the same person)
+    references      [N, R*C, h, w]  with ``extra_references`` R > 0: more pixel-aligned references, e.g. the quality
+                                    mode refiner's warped retrieval (`refiner_data`); None when R = 0
     output          [N, C, h, w]    epsilon, v or the clean latent (`prediction_type`)
 
 Design:
-- Input = concat(sample, pose_reference, pose_mask, identity) -> conv_in (3C + 1 channels). Concatenation puts the
-  pose reference (everything around the mouth) and the identity reference pixel-aligned with the target. Blocks
-  whose type has ``CrossAttn`` additionally attend to identity tokens (the identity latent, patchified): reference
-  attention, for identity details that are not aligned (teeth, the inside of the mouth). ``identity_concat=False``
-  leaves the identity out of the concatenation (reference attention only); blocks without ``CrossAttn`` leave
-  reference attention out. `benchmarks/l2v_ablations.py` measures the three choices: on unseen people the
-  concatenation carries most of the identity (2 dB of mouth PSNR), attention adds 0.3-0.5 dB in the mouth.
+- Input = concat(sample, pose_reference, pose_mask, identity[, references]) -> conv_in ((3 + R)C + 1 channels).
+  Concatenation puts the pose reference (everything around the mouth) and the identity reference pixel-aligned with
+  the target. Blocks whose type has ``CrossAttn`` additionally attend to identity tokens (the identity latent,
+  patchified): reference attention, for identity details that are not aligned (teeth, the inside of the mouth).
+  ``identity_concat=False`` leaves the identity out of the concatenation (reference attention only); blocks without
+  ``CrossAttn`` leave reference attention out. `benchmarks/l2v_ablations.py` measures the three choices: on unseen
+  people the concatenation carries most of the identity (2 dB of mouth PSNR), attention adds 0.3-0.5 dB in the mouth.
 - The landmark condition enters through `LandmarkGuider`, a small conv encoder of the rendered landmark image whose
   features pass through zero-initialised 1x1 convolutions and are added to the residuals of every down block and
   of the mid block, as ControlNet's are; an untrained guider therefore changes nothing.
 - With ``temporal_attention`` a zero-initialised attention over the frames of a window follows the mid block and
   every up block (forward's ``num_frames``): frames of one window see each other, which keeps them coherent.
+- With ``reference_residual`` (a refiner, R >= 1, x0 prediction) the output is the first extra reference plus a
+  zero-initialised correction: an untrained refiner returns the warped retrieval unchanged, training learns the fix.
 - Attribute names follow diffusers' UNet2DConditionModel, so `from_sd15` can start from a user's SD1.5 U-Net.
 """
 
@@ -148,6 +152,8 @@ class L2VUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
         identity_concat: bool = True,
         prediction_type: str = "epsilon",
         num_train_timesteps: int = 1000,
+        extra_references: int = 0,
+        reference_residual: bool = False,
     ):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
@@ -161,7 +167,9 @@ class L2VUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
         time_dim = 4 * block_out_channels[0]
         self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(block_out_channels[0], time_dim)
-        inputs = (3 if identity_concat else 2) * latent_channels + 1
+        if isinstance(extra_references, bool) or not isinstance(extra_references, int) or extra_references < 0:
+            raise ValueError(f"extra_references must be an integer >= 0, got {extra_references!r}")
+        inputs = ((3 if identity_concat else 2) + extra_references) * latent_channels + 1
         self.conv_in = nn.Conv2d(inputs, block_out_channels[0], 3, padding=1)
         self.guider = LandmarkGuider(block_out_channels, layers_per_block, downscale)
         self.identity_tokens = (
@@ -231,6 +239,11 @@ class L2VUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=1e-5)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(block_out_channels[0], latent_channels, 3, padding=1)
+        if reference_residual:  # the output starts as the first extra reference (the refiner starts at fast mode)
+            if not extra_references:
+                raise ValueError("reference_residual needs extra_references >= 1")
+            nn.init.zeros_(self.conv_out.weight)
+            nn.init.zeros_(self.conv_out.bias)
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs):
@@ -243,7 +256,7 @@ class L2VUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
         """Crop sizes must be multiples of this (downscale x 2 per down block)."""
         return self.config.downscale * 2 ** (len(self.config.block_out_channels) - 1)
 
-    def _check_inputs(self, sample, condition, pose_reference, pose_mask, identity, num_frames) -> None:
+    def _check_inputs(self, sample, condition, pose_reference, pose_mask, identity, num_frames, references) -> None:
         cfg = self.config
         if sample.ndim != 4 or sample.shape[1] != cfg.latent_channels:
             raise LmdiffInputError(
@@ -256,7 +269,17 @@ class L2VUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
             "pose_reference": (n, cfg.latent_channels, h, w),
             "identity": (n, cfg.latent_channels, h, w),
         }
-        for name, tensor in (("condition", condition), ("pose_reference", pose_reference), ("identity", identity)):
+        extra = cfg.extra_references
+        if (references is None) != (extra == 0):
+            raise LmdiffInputError(
+                f"this L2V model takes {extra} extra reference(s) (references [N, {extra * cfg.latent_channels}, h, w])"
+                f", got {'none' if references is None else 'some'}"
+            )
+        named = [("condition", condition), ("pose_reference", pose_reference), ("identity", identity)]
+        if extra:
+            expected["references"] = (n, extra * cfg.latent_channels, h, w)
+            named.append(("references", references))
+        for name, tensor in named:
             if tuple(tensor.shape) != expected[name]:
                 raise LmdiffInputError(f"{name} must be {expected[name]}, got {tuple(tensor.shape)}")
         if pose_mask.ndim != 4 or pose_mask.shape[:2] != (n, 1):
@@ -279,9 +302,10 @@ class L2VUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
         identity: torch.Tensor,
         num_frames: int = 1,
         condition_scale: float = 1.0,
+        references: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Denoiser output [N, C, h, w] (see the module docstring for the tensors)."""
-        self._check_inputs(sample, condition, pose_reference, pose_mask, identity, num_frames)
+        self._check_inputs(sample, condition, pose_reference, pose_mask, identity, num_frames, references)
         dtype = self.dtype
         n, _, h, w = sample.shape
         timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(n)
@@ -290,6 +314,8 @@ class L2VUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
         concat = (
             [sample, pose_reference, mask, identity] if self.config.identity_concat else [sample, pose_reference, mask]
         )
+        if references is not None:
+            concat.append(references)
         x = self.conv_in(torch.cat(concat, dim=1).to(dtype))
         context = None
         if self.identity_tokens is not None:
@@ -321,7 +347,10 @@ class L2VUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 x = block(x, skip, emb, upsample_size=size)
             if self.temporal_layers is not None:
                 x = self.temporal_layers[i + 1](x, num_frames)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        out = self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        if self.config.reference_residual:
+            out = out + references[:, : self.config.latent_channels].to(out.dtype)
+        return out
 
     @classmethod
     def from_sd15(cls, unet_path: str | Path, **overrides) -> "L2VUNet":

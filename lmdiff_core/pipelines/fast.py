@@ -82,9 +82,12 @@ def render_fast(
     batch: int = 8,
     timer: StageTimer | None = None,
     progress: Callable[[int, int], None] | None = None,
+    refine: Callable | None = None,
 ) -> Iterator[np.ndarray]:
     """Output frames (uint8 [H, W, 3]) one by one: `frames` (as many as `target`) with the lower face of `target`
-    (image-space landmarks, same frame size as `source`, the frames' own landmarks) rebuilt from `bank`."""
+    (image-space landmarks, same frame size as `source`, the frames' own landmarks) rebuilt from `bank`.
+    `refine(crops, warped, source_crop, target_crop)` -> crops [F, 3, S, S], if given, rebuilds each batch's crops
+    from the colour-matched warp before paste-back (quality mode's refiner, `pipelines/quality.py`)."""
     if len(source) != len(target) or source.frame_size != target.frame_size:
         raise LmdiffInputError(
             f"source and target landmarks must have the same length and frame size, got {len(source)} frames "
@@ -123,6 +126,8 @@ def render_fast(
             with stage(timer, "warp"):
                 warped = blend_warped(bank, retrieval, faces, target_crop[faces])
                 warped = match_colour(warped, crops, skin)
+            if refine is not None:
+                warped = refine(crops, warped, source_crop[faces], target_crop[faces])
             with stage(timer, "paste_back"):
                 pasted, _ = paste_back(sub, warped, track, faces, mask=paste, feather=FEATHER * size)
                 pasted = (pasted.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()

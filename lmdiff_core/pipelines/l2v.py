@@ -1,7 +1,8 @@
 """`LandmarkToVideoPipeline`: landmarks + references -> face video, with the L2V U-Net (a diffusers DiffusionPipeline).
 
 A checkpoint folder holds ``unet/`` (`L2VUNet.save_pretrained`), ``scheduler/`` and ``lmdiff_l2v.json`` (crop size,
-landmark topology, window and overlap, and which autoencoder the U-Net was trained with). The autoencoder itself is
+landmark topology, window and overlap, which autoencoder the U-Net was trained with and, for a quality-mode refiner (a
+U-Net with ``extra_references``, `pipelines/quality.py`), its sampling settings ``refine``). The autoencoder itself is
 not part of the folder (users keep those under ``models/vae``): `from_pretrained(folder, autoencoder=...)` takes a
 `LatentAutoencoder` and refuses one whose latents do not match the U-Net.
 
@@ -35,6 +36,7 @@ from ..errors import LmdiffInputError
 from ..conditioning import pose_reference, render_condition
 from ..landmarks import LandmarkSequence
 from ..models import L2VUNet
+from .quality import DEFAULT_STEPS, DEFAULT_STRENGTH
 from .sampling import denoise, with_cfg
 from .schedulers import SAMPLERS, load_scheduler, make_scheduler
 from .timing import StageTimer, stage
@@ -110,6 +112,7 @@ class LandmarkToVideoPipeline(DiffusionPipeline):
         topology: str = "ibug68",
         window: int = 8,
         overlap: int = 2,
+        refine: dict | None = None,
     ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
@@ -121,6 +124,11 @@ class LandmarkToVideoPipeline(DiffusionPipeline):
         self.overlap = _check_int(overlap, "overlap", 0)
         if self.overlap >= self.window:
             raise LmdiffInputError(f"overlap ({overlap}) must be smaller than window ({window})")
+        if refine is not None and not unet.config.extra_references:
+            raise LmdiffInputError("refine settings (strength, steps) go with a refiner U-Net (extra_references) only")
+        if refine is None and unet.config.extra_references:
+            refine = {"strength": DEFAULT_STRENGTH, "steps": DEFAULT_STEPS}
+        self.refine = refine  # a refiner's sampling settings (`pipelines/quality.py`); None for a plain L2V
         self.autoencoder = None
         if autoencoder is not None:
             self.set_autoencoder(autoencoder)
@@ -152,6 +160,8 @@ class LandmarkToVideoPipeline(DiffusionPipeline):
                 "overlap": self.overlap,
                 "autoencoder": self.unet.config.autoencoder,
             }
+            if self.refine is not None:
+                info["refine"] = self.refine
             (tmp / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         return folder
 
@@ -171,6 +181,7 @@ class LandmarkToVideoPipeline(DiffusionPipeline):
             info["topology"],
             info["window"],
             info["overlap"],
+            info.get("refine"),
         )
         if autoencoder is not None:
             pipe.set_autoencoder(autoencoder)

@@ -8,11 +8,13 @@ whole face crop. A portrait can also be dubbed as a still video (`image_mode="st
 and everything else stays the photo's own pixels, which small models do best. Either way the output has exactly
 ceil(audio duration x fps) frames.
 
-`mode="quality"` is the path above (the L2V U-Net); `mode="fast"` replaces L2V by the appearance bank
-(`pipelines/fast.py`): the lower face is rebuilt from the person's own frames (the video's, and/or `bank_frames`),
-retrieved by lip shape and pose and warped onto the target landmarks, with no generator. In fast mode a portrait is
-always dubbed as a still (the bank can bend lips, not turn a head), and video frames without a face are passed
-through untouched (counted in a warning) instead of being an error.
+`mode="fast"` replaces L2V by the appearance bank (`pipelines/fast.py`): the lower face is rebuilt from the person's
+own frames (the video's, and/or `bank_frames`), retrieved by lip shape and pose and warped onto the target landmarks,
+with no generator. `mode="quality"` with a refiner L2V checkpoint (a U-Net with ``extra_references``, like the
+bundled checkpoints/refiner) is fast mode plus the refiner (`pipelines/quality.py`), which rebuilds each warped crop
+in a few denoising steps before the same paste-back; with a plain L2V checkpoint it is the path above. In fast mode and
+with a refiner a portrait is always dubbed as a still (the bank can bend lips, not turn a head), and video frames
+without a face are passed through untouched (counted in a warning) instead of being an error.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from ..smoothing import smooth_detections
 from .a2l import AudioToLandmarksPipeline, speaker_references
 from .fast import render_fast
 from .l2v import LandmarkToVideoPipeline
+from .quality import Refiner
 from .timing import stage
 
 IMAGE_MODES = ("one_shot", "still")
@@ -131,10 +134,12 @@ class TalkingHeadPipeline(DiffusionPipeline):
         gaps of up to `max_gap` frames without that face are filled and `smooth` smooths its landmarks in time.
         `progress(stage, done, total)`; `on_step()` after each denoising step (A2L diffusion and L2V).
 
-        `mode` "quality" (L2V) or "fast" (appearance bank, see the module docstring). Fast mode only:
-        `bank_frames` uint8 [T, H, W, 3], more frames of the same person for the bank; `bank_from_video=False`
-        keeps the video's own frames out of the bank (an evaluation dubbing its test frames must); `crop_size` (px)
-        of the bank's face crops; `bank_k` entries blended per frame. Faceless frames pass through untouched."""
+        `mode` "quality" (L2V) or "fast" (appearance bank, see the module docstring). Fast mode and quality mode
+        with a refiner: `bank_frames` uint8 [T, H, W, 3], more frames of the same person for the bank;
+        `bank_from_video=False` keeps the video's own frames out of the bank (an evaluation dubbing its test frames
+        must); `crop_size` (px) of the bank's face crops; `bank_k` entries blended per frame. Faceless frames pass
+        through untouched. A refiner samples with its checkpoint's settings (`l2v.refine`: strength and steps);
+        `num_inference_steps`, `guidance_scale`, `image_mode` and `max_gap` apply to a plain L2V only."""
         if (image is None) == (video is None):
             raise LmdiffInputError("give either a portrait image or a video to dub, not both or neither")
         if image_mode not in IMAGE_MODES:
@@ -148,10 +153,12 @@ class TalkingHeadPipeline(DiffusionPipeline):
             raise LmdiffInputError("the audio is too short: it gives no video frame")
         n_a2l = n if fps == self.a2l.fps else frame_count(n / fps, self.a2l.fps)
         report = (lambda name: lambda d, t: progress(name, d, t)) if progress else (lambda name: None)
-        if mode == "fast":
+        refiner = mode == "quality" and self.l2v.refine is not None
+        if mode == "fast" or refiner:
             frames = self._generate_fast(
                 audio, landmarker, image, video, video_fps, a2l_guidance_scale, seed, n, report,
-                bank_frames, bank_from_video, crop_size, bank_k, face=face, smooth=smooth, fps=fps, on_step=on_step,
+                bank_frames, bank_from_video, crop_size, bank_k, face=face, smooth=smooth, fps=fps,
+                refiner=refiner, on_step=on_step,
             )
             return frames, n
         if video is not None:
@@ -230,9 +237,11 @@ class TalkingHeadPipeline(DiffusionPipeline):
 
     def _generate_fast(
         self, audio, landmarker, image, video, video_fps, a2l_guidance_scale, seed, n, report,
-        bank_frames, bank_from_video, crop_size, bank_k, face="largest", smooth=True, fps=None, on_step=None,
+        bank_frames, bank_from_video, crop_size, bank_k, face="largest", smooth=True, fps=None, refiner=False,
+        on_step=None,
     ) -> Iterator[np.ndarray]:
-        """The n output frames of `generate` in fast mode (arguments as there; `report(stage)` -> a progress)."""
+        """The n output frames of `generate` in fast mode, or with `refiner` in quality mode with the L2V refiner
+        (arguments as there; `report(stage)` -> a progress)."""
         timer = self.l2v.timer
         fps = self.a2l.fps if fps is None else fps
         banks = []
@@ -270,7 +279,10 @@ class TalkingHeadPipeline(DiffusionPipeline):
         talking = self._dub_talking(audio, source, n, a2l_guidance_scale, seed, report, fps, on_step)
         target = dub_landmarks(source_n, talking)
         source_n = source_n.to_topology(target.topology)
-        return render_fast(frames, source_n, target, bank, k=bank_k, timer=timer, progress=report("fast"))
+        refine = Refiner.for_bank(self.l2v, bank, seed, on_step) if refiner else None
+        return render_fast(
+            frames, source_n, target, bank, k=bank_k, timer=timer, progress=report("fast"), refine=refine
+        )
 
     @torch.no_grad()
     def __call__(self, *args, **kwargs) -> np.ndarray:
