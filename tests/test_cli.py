@@ -670,6 +670,22 @@ def test_prepare_obeys_no_smooth(tmp_path, mediapipe_model):
     assert jitter["smooth"] < 0.9 * jitter["raw"], jitter
 
 
+def test_prepare_val_clips_are_always_validation(tmp_path, mediapipe_model):
+    """`prepare --val-clips` puts the named clips (by file stem) in the validation split whatever their hash."""
+    from lmdiff_core.media import read_video, write_video
+
+    video = read_video(shared_path(CLIP))
+    sources = [
+        write_video(tmp_path / f"{name}.mp4", video.frames[:30], 25, audio=video.audio[: 30 * 640])
+        for name in ("alpha", "beta")
+    ]
+    argv = ["prepare", *sources, "-o", tmp_path / "ds", "--model", mediapipe_model, "--crop-size", 0, "--fps", 10]
+    code, _ = run_in_process([*argv, "--min-seconds", 1, "--val-fraction", 0, "--val-clips", "beta"])
+    assert code == 0
+    splits = {c["id"]: c["split"] for c in json.loads((tmp_path / "ds" / "index.json").read_text())["clips"]}
+    assert splits == {"alpha": "train", "beta": "val"}
+
+
 def test_sigterm_cleans_up_like_ctrl_c(tmp_path, mediapipe_model):
     """D6: a run stopped with SIGTERM (as services and schedulers stop jobs) removes its hidden partial files and leaves
     the earlier outputs byte for byte."""
