@@ -478,11 +478,11 @@ def true_lips_fast(parts: dict, args, refiner_l2v=None):
     from lmdiff_core.detectors import extract_landmarks, load_landmarker
     from lmdiff_core.pipelines.fast import render_fast
     from lmdiff_core.pipelines.quality import Refiner
-    from lmdiff_core.smoothing import smooth_landmarks
+    from lmdiff_core.smoothing import smooth_detections
 
     def landmarks(frames):
         with load_landmarker("mediapipe", args.landmarker, video=True) as landmarker:
-            return smooth_landmarks(extract_landmarks(frames, landmarker, FPS, max_gap=None))
+            return smooth_detections(extract_landmarks(frames, landmarker, FPS, max_gap=None))
 
     bank = AppearanceBank.build(parts["context"], landmarks(parts["context"]), BANK_CROP)
     source = landmarks(parts["test"]).to_topology("ibug68")

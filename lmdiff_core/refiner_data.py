@@ -30,7 +30,7 @@ import torch
 from .appearance_bank import AppearanceBank
 from .crop import CropTrack, compute_crop_track, crop_frames, face_masks, transform_landmarks
 from .errors import LmdiffInputError
-from .l2v_data import pose_reference, render_condition
+from .conditioning import pose_reference, render_condition
 from .landmarks import LandmarkSequence
 from .pipelines.fast import blend_warped, match_colour, retrieve_for
 
@@ -164,7 +164,7 @@ def build_cache(
     is kept); returns the index entries. Landmarks: MediaPipe (a fresh video landmarker per clip), smoothed."""
     from .detectors import extract_landmarks, load_landmarker
     from .media import iter_frames
-    from .smoothing import smooth_landmarks
+    from .smoothing import smooth_detections
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +175,7 @@ def build_cache(
         if not (npy.is_file() and info.is_file()):
             frames = np.stack(list(iter_frames(path, fps)))
             with load_landmarker("mediapipe", landmarker_path, video=True) as landmarker:
-                landmarks = smooth_landmarks(extract_landmarks(frames, landmarker, fps, max_gap=None, source=str(path)))
+                landmarks = smooth_detections(extract_landmarks(frames, landmarker, fps, max_gap=None, source=str(path)))
             arrays, meta = clip_pairs(frames, landmarks, size, max_pairs, seed + n)
             tmp = npy.with_suffix(".tmp.npy")
             np.save(tmp, arrays)

@@ -11,7 +11,7 @@ from lmdiff_core.detectors import extract_landmarks, load_landmarker
 from lmdiff_core.media import iter_frames, read_audio
 from lmdiff_core.pipelines.quality import sdedit, sdedit_timesteps
 from lmdiff_core.refiner_data import CHANNELS, MIN_GAP_SECONDS, clip_pairs, split_channels
-from lmdiff_core.smoothing import smooth_landmarks
+from lmdiff_core.smoothing import smooth_detections
 
 FPS = 25.0
 
@@ -20,7 +20,7 @@ FPS = 25.0
 def clip(clips_dir, mediapipe_model):
     frames = np.stack(list(iter_frames(clips_dir / "edtalk_woman_en.mp4", FPS, max_frames=150)))  # 6 s
     with load_landmarker("mediapipe", mediapipe_model) as landmarker:
-        seq = smooth_landmarks(extract_landmarks(frames, landmarker, FPS, max_gap=None))
+        seq = smooth_detections(extract_landmarks(frames, landmarker, FPS, max_gap=None))
     return frames, seq
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..l2v_data import pose_reference, render_condition
+from ..conditioning import pose_reference, render_condition
 from ..landmarks import LandmarkSequence
 from .timing import stage
 
