@@ -647,7 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-size", type=_non_negative_int, default=256, help="face crops for the L2V stage (0: none)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of clips in the validation split")
     p.add_argument(
-        "--val-clips", nargs="+", default=[], metavar="CLIP", help="clip ids or file stems always in the validation split"
+        "--val-clips", nargs="+", default=[], metavar="CLIP",
+        help="clip ids or file stems always in the validation split",
     )
     p.add_argument("--min-seconds", type=float, default=2.0, help="skip clips shorter than this")
     _add_detector_args(p)

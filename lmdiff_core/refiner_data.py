@@ -175,7 +175,8 @@ def build_cache(
         if not (npy.is_file() and info.is_file()):
             frames = np.stack(list(iter_frames(path, fps)))
             with load_landmarker("mediapipe", landmarker_path, video=True) as landmarker:
-                landmarks = smooth_detections(extract_landmarks(frames, landmarker, fps, max_gap=None, source=str(path)))
+                found = extract_landmarks(frames, landmarker, fps, max_gap=None, source=str(path))
+                landmarks = smooth_detections(found)
             arrays, meta = clip_pairs(frames, landmarks, size, max_pairs, seed + n)
             tmp = npy.with_suffix(".tmp.npy")
             np.save(tmp, arrays)

@@ -164,7 +164,7 @@ def test_pose_mask_hides_every_mouth_of_the_clip_and_keeps_the_eyes(prepared, cr
         assert np.all(_at(m, xy[t, LIPS]) == 1), t  # the target's mouth
         assert np.all(_at(m, xy[widest, LIPS]) == 1), t  # the widest-open mouth of the clip, in the aligned crop
         assert np.all(_at(m, xy[widest, list(CHIN)]) == 1), t  # and its chin (where it stays inside the crop)
-        assert np.all(_at(mask[t, 0], xy[t, EYES]) == 0), t  # the eyes stay visible
+        assert np.all(_at(mask[t, 0], xy[t, EYES]) < 1 / 512), t  # the eyes stay visible (< half an 8-bit level)
         assert 0.15 < float(m.mean()) < 0.6
     # outside the mask the pose reference is the target exactly; inside the hard mask it is 0.5 grey
     out = (mask == 0).expand_as(crops)

@@ -232,7 +232,9 @@ class AudioToLandmarksPipeline:
             raise LmdiffInputError(f"window overlap {overlap} must be at least 0 and below the window ({window})")
         out = np.zeros((n, refs.shape[1], 3), dtype=np.float32)
         for r, ref in enumerate(refs):
-            report = None if progress is None else (lambda done, total, r=r: progress(r * total + done, len(refs) * total))
+            report = None
+            if progress is not None:
+                report = lambda done, total, r=r: progress(r * total + done, len(refs) * total)  # noqa: E731
             out += self._windows(
                 features, ref, window, overlap, num_inference_steps, guidance_scale, seed, report, on_step
             )
@@ -296,6 +298,7 @@ class AudioToLandmarksPipeline:
             audio2, reference2 = audio.repeat(2, 1, 1, 1, 1), reference.repeat(2, 1, 1)
             prev2 = None if prev is None else prev.repeat(2, 1, 1, 1)
             audio_mask = torch.tensor([True, False])  # the second half is unconditional (no audio)
-            denoiser = with_cfg(lambda x2, t: model(x2, t, audio2, reference2, prev2, audio_mask=audio_mask), guidance_scale)
+            paired = lambda x2, t: model(x2, t, audio2, reference2, prev2, audio_mask=audio_mask)  # noqa: E731
+            denoiser = with_cfg(paired, guidance_scale)
         sample = denoise(denoiser, self.scheduler, noise, steps, generator, on_step=on_step)
         return model.sample_to_landmarks(sample, reference)[0].float().cpu().numpy()
