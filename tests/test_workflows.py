@@ -107,7 +107,7 @@ def test_api_workflow_inputs_outputs_and_models(name):
     assert files and set(files) <= set(INPUTS.values())
     savers = [node for node in graph.values() if node["class_type"] in SAVERS]
     assert savers and all(node["inputs"]["filename_prefix"] == "lmdiff" for node in savers)
-    assert all(node["inputs"]["model"].startswith("bundled") for node in graph.values() if node["class_type"] in TINY)
+    assert all(node["inputs"]["model"] == "bundled" for node in graph.values() if node["class_type"] in TINY)
 
 
 @pytest.mark.parametrize("name", NAMES)
